@@ -1,0 +1,116 @@
+"""Hyperparameter search: an Optuna study whose trials are ordinary `util.run` calls.
+
+    python main.py --run_config configs/run_template.yaml \\
+                   --optimize_config configs/optimize_template.yaml
+
+Each trial copies the base RunConfig with the sampled keys overridden (the base
+is never mutated), trains it into runs/<project>/<study>_t<NNNN>/, and reports
+the first seed's monitored metric every epoch, so that the pruner and Optuna's
+own plots see the same metric the study optimises. Rerunning the same command
+continues the study until it holds `trials` finished (complete or pruned) trials.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from config import OptimizeConfig, RunConfig
+from util import RUNS_DIR, run
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def suggest(trial: optuna.Trial, name: str, spec: dict):
+    if spec["type"] == "categorical":
+        return trial.suggest_categorical(name, spec["choices"])
+    suggest_number = trial.suggest_int if spec["type"] == "int" else trial.suggest_float
+    return suggest_number(name, spec["min"], spec["max"], log=spec.get("log", False),
+                          **({"step": spec["step"]} if "step" in spec else {}))
+
+
+def storage_url(run_config: RunConfig, opt_config: OptimizeConfig) -> str:
+    if opt_config.storage:
+        return opt_config.storage
+    path = RUNS_DIR / run_config.project / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name: str):
+    def objective(trial: optuna.Trial) -> float:
+        params = {key: suggest(trial, key, spec) for key, spec in opt_config.search_space.items()}
+        config = run_config.with_overrides(params, source=f"{opt_config.source} (trial {trial.number})")
+        group = f"{study_name}_t{trial.number:04d}"
+        trial.set_user_attr("epochs", config.epochs)  # read by the pruner: where the curve ends
+        trial.set_user_attr("run_dir", str(RUNS_DIR / config.project / group))
+
+        def report(epoch: int, metrics: dict) -> None:
+            trial.report(metrics[config.monitor], epoch)
+            if trial.should_prune():
+                trial.set_user_attr("reason", f"pruned at epoch {epoch}")
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        result = run(config, group=group, tags=("search", study_name), first_seed_callbacks=[report])
+        trial.set_user_attr("seed_values", {str(s.seed): s.best_value for s in result.seeds})
+        diverged = [s.seed for s in result.seeds if s.status == "diverged"]
+        if diverged:  # a diverging configuration is an answer, not a crash: prune it
+            trial.set_user_attr("reason", f"diverged (NaN/inf) on seed(s) {diverged}")
+            raise optuna.TrialPruned(f"diverged on seed(s) {diverged}")
+        return result.mean
+
+    def guarded(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:  # recorded as FAIL with the reason; the study goes on
+            trial.set_user_attr("reason", f"{type(e).__name__}: {e}")
+            raise
+
+    return guarded
+
+
+def run_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study:
+    """Create or continue the study and run it until it has `trials` finished trials."""
+    sampler, pruner = opt_config.build_sampler(), opt_config.build_pruner()
+    study_name = opt_config.name_for(run_config)
+    study = optuna.create_study(
+        storage=storage_url(run_config, opt_config), study_name=study_name, sampler=sampler,
+        pruner=pruner or optuna.pruners.NopPruner(), direction=run_config.direction, load_if_exists=True)
+    remaining = opt_config.trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    if remaining > 0:
+        study.optimize(
+            make_objective(run_config, opt_config, study_name), n_trials=remaining, catch=(Exception,),
+            # Counts what every process finished, so workers sharing the study stop together.
+            callbacks=[optuna.study.MaxTrialsCallback(opt_config.trials, states=FINISHED)])
+    return study
+
+
+def report_best(study: optuna.Study, run_config: RunConfig) -> tuple[str, Path | None]:
+    """A text summary of the study and the path of the exported best config."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): sum(t.state == state for t in trials)
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    lines = [f"study {study.study_name}: " + ", ".join(f"{n} {k}" for k, n in counts.items())]
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            lines.append(f"  trial {t.number} failed: {t.user_attrs.get('reason', '?')}")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+                and math.isfinite(t.value)]
+    if not complete:
+        lines.append("no trial completed, so there is no best configuration yet")
+        return "\n".join(lines), None
+    best = study.best_trial
+    best_config = run_config.with_overrides({**best.params, "group": None},
+                                            source=f"study {study.study_name}")
+    path = RUNS_DIR / run_config.project / f"{study.study_name}_best.yaml"
+    best_config.to_yaml(path)
+    lines += [f"best trial {best.number}: {run_config.monitor} = {best.value:.6g}",
+              *(f"  {k} = {v}" for k, v in best.params.items()),
+              f"run folder: {best.user_attrs.get('run_dir')}",
+              f"best config: {path}  (train it: python main.py --run_config {path})"]
+    return "\n".join(lines), path
+
