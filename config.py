@@ -87,7 +87,9 @@ def check_kwargs(func: Any, kwargs: dict, *leading: Any) -> None:
 
 
 def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
+    close = difflib.get_close_matches(word, sorted(choices), n=3)
+    # Among equally close names, a swap of letters ("stpe" for "step") is the likelier typo.
+    close.sort(key=lambda c: sorted(c) != sorted(word))
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -1,0 +1,49 @@
+"""Shared fixtures: a shrunken copy of the shipped config, a scratch working folder,
+and a helper that runs main.py as a user would (a subprocess)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty current folder (runs/ lands here) with wandb kept inside it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    (tmp_path / "wandb_dir").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def tiny():
+    """The shipped template, shrunk: one seed, a few epochs, small data and model, no wandb."""
+    config = yaml.safe_load((ROOT / "configs" / "run_template.yaml").read_text())
+    config.update(project="test", device="cpu", seeds=[7], epochs=4, batch_size=64,
+                  net_config={"nodes": 8, "layers": 2},
+                  scheduler_config={"T_max": 4, "eta_min": 1e-5},
+                  data_config={"n": 400, "noise": 0.1, "val_fraction": 0.25, "seed": 0},
+                  wandb={"mode": "disabled", "tags": []})
+    config["optimizer_config"] = {"lr": 1e-2}
+    return config
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_main(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python main.py ARGS` in `cwd`, stdin closed, as a user (or CI) would run it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)

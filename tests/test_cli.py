@@ -1,0 +1,139 @@
+"""main.py as a user runs it: the shipped entry point end to end, and bad input."""
+import csv
+import textwrap
+
+import pytest
+import torch
+
+from config import RunConfig
+from conftest import ROOT, run_main, write_yaml
+
+
+def test_help_lists_options(workdir):
+    result = run_main("--help", cwd=workdir)
+    assert result.returncode == 0
+    for option in ("--run_config", "--optimize_config", "--device"):
+        assert option in result.stdout
+
+
+def test_train_writes_every_file_and_refuses_to_overwrite(workdir, tiny):
+    tiny["seeds"] = [3, 4]
+    config_path = write_yaml(workdir / "tiny.yaml", tiny)
+    result = run_main("--run_config", str(config_path), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    group_dir = workdir / "runs" / "test" / RunConfig.from_dict(tiny).group_name()
+    # The summary: one line per seed, mean ± std, where the files went.
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:1] == ["3"] for line in lines) and any(line.split()[:1] == ["4"] for line in lines)
+    assert "val_loss:" in result.stdout and "±" in result.stdout and "over 2 seed(s)" in result.stdout
+    assert str(group_dir.relative_to(workdir)) in result.stdout
+    assert "seed 3" in result.stderr  # the progress bar, per seed
+
+    saved = RunConfig.from_yaml(group_dir / "config.yaml")
+    assert saved.with_overrides({"group": None}) == RunConfig.from_dict(tiny)
+    for seed in (3, 4):
+        with open(group_dir / str(seed) / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "lr", "wall_time"]
+        assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+        state = torch.load(group_dir / str(seed) / "model.pt", weights_only=True)
+        assert "net.0.weight" in state
+
+    before = {p: p.read_bytes() for p in group_dir.rglob("*") if p.is_file()}
+    again = run_main("--run_config", str(config_path), cwd=workdir)
+    assert again.returncode == 2
+    assert "already holds seed(s) 3, 4" in again.stderr and "Traceback" not in again.stderr
+    assert {p: p.read_bytes() for p in group_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_new_model_class_from_a_users_module(workdir, tiny):
+    (workdir / "my_models.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        class Tiny(nn.Module):
+            def __init__(self, hparams, device="cpu"):
+                super().__init__()
+                self.width = hparams["width"]
+                self.net = nn.Sequential(nn.Linear(1, self.width), nn.Tanh(), nn.Linear(self.width, 1))
+
+            def forward(self, x):
+                return self.net(x)
+    """))
+    tiny.update(net="my_models.Tiny", net_config={"width": 5})
+    result = run_main("--run_config", str(write_yaml(workdir / "c.yaml", tiny)), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    group_dir = next((workdir / "runs" / "test").iterdir())
+    assert group_dir.name.startswith("Tiny_")
+    state = torch.load(group_dir / "7" / "model.pt", weights_only=True)
+    assert state["net.0.weight"].shape == (5, 1)
+
+
+def test_device_flag_overrides_the_file(workdir, tiny):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = write_yaml(workdir / "c.yaml", tiny)
+    result = run_main("--run_config", str(path), "--device", "cuda", cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --device: device: 'cuda' requested but CUDA is not available"
+    assert not (workdir / "runs").exists()
+
+
+def test_all_seeds_diverging_is_reported(workdir, tiny):
+    tiny.update(optimizer="torch.optim.SGD", optimizer_config={"lr": 1e6}, epochs=6, scheduler=None,
+                scheduler_config={})
+    result = run_main("--run_config", str(write_yaml(workdir / "c.yaml", tiny)), cwd=workdir)
+    assert result.returncode == 1
+    assert "diverged" in result.stdout and "seeds [7]" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+BROKEN_MODULE = "import torch\nclass Net(torch.nn.Module):\n    def __init__(self, hparams, device='cpu'):\n" \
+                "        raise ValueError('width must be even')\n"
+
+# (description, how to write the broken input, the key the one line must name)
+BAD_INPUT = [
+    ("malformed YAML", lambda d, t: (d / "c.yaml").write_text("epochs: [1, 2\nseeds: 3\n"), "invalid YAML"),
+    ("duplicate key", lambda d, t: (d / "c.yaml").write_text("epochs: 1\nepochs: 2\n"), "duplicate key 'epochs'"),
+    ("not a mapping", lambda d, t: (d / "c.yaml").write_text("- 1\n- 2\n"), "mapping"),
+    ("unknown key", lambda d, t: write_yaml(d / "c.yaml", {**t, "batchsize": 3}), "batchsize"),
+    ("missing key", lambda d, t: write_yaml(d / "c.yaml", {k: v for k, v in t.items() if k != "epochs"}),
+     "epochs: missing"),
+    ("wrong type", lambda d, t: write_yaml(d / "c.yaml", {**t, "batch_size": "big"}), "batch_size"),
+    ("zero epochs", lambda d, t: write_yaml(d / "c.yaml", {**t, "epochs": 0}), "epochs"),
+    ("negative batch", lambda d, t: write_yaml(d / "c.yaml", {**t, "batch_size": -1}), "batch_size"),
+    ("empty seeds", lambda d, t: write_yaml(d / "c.yaml", {**t, "seeds": []}), "seeds"),
+    ("bad module", lambda d, t: write_yaml(d / "c.yaml", {**t, "net": "modle.MLP"}), "net: module 'modle' not found"),
+    ("bad class", lambda d, t: write_yaml(d / "c.yaml", {**t, "net": "model.MLPP"}), "net: module 'model' has no"),
+    ("net_config rejected", lambda d, t: write_yaml(d / "c.yaml", {**t, "net_config": {"nodes": 4}}),
+     "net_config: model.MLP rejected it"),
+    ("model raises", lambda d, t: ((d / "broken.py").write_text(BROKEN_MODULE),
+                                   write_yaml(d / "c.yaml", {**t, "net": "broken.Net"})),
+     "net_config: broken.Net rejected it: ValueError: width must be even"),
+    ("optimizer kwarg", lambda d, t: write_yaml(d / "c.yaml", {**t, "optimizer_config": {"lr": 1e-3, "betas1": 1}}),
+     "optimizer_config"),
+    ("bad device", lambda d, t: write_yaml(d / "c.yaml", {**t, "device": "tpu"}), "device"),
+    ("missing file", lambda d, t: None, "cannot read"),
+]
+
+
+@pytest.mark.parametrize("make,words", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_nothing_written(workdir, tiny, make, words):
+    make(workdir, tiny)
+    result = run_main("--run_config", "c.yaml", cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: c.yaml: ") and words in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "runs").exists()
+
+
+def test_bad_optimize_config_exits_2_before_writing(workdir, tiny):
+    write_yaml(workdir / "c.yaml", tiny)
+    write_yaml(workdir / "o.yaml", {"trials": 2, "search_space": {"net_config": {
+        "nodes": {"type": "int", "min": 8, "max": 2}}}})
+    result = run_main("--run_config", "c.yaml", "--optimize_config", "o.yaml", cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: o.yaml: search_space.net_config.nodes.min: "
+                                     "min (8) is greater than max (2)")
+    assert not (workdir / "runs").exists()
