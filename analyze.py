@@ -30,10 +30,10 @@ def choose(what: str, options: list[str]) -> str:
         print(f"  [{i}] {option}")
     while True:
         answer = input(f"{what} [0]: ").strip() or "0"
+        if answer in options:  # a name first: seeds are numbers too
+            return answer
         if answer.isdigit() and int(answer) < len(options):
             return options[int(answer)]
-        if answer in options:
-            return answer
         print(f"  pick a number from 0 to {len(options) - 1}")
 
 

@@ -1,0 +1,66 @@
+"""analyze.py reloads what was trained and draws its plots."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+import analyze
+from config import OptimizeConfig, RunConfig
+from conftest import ROOT
+from search import run_study
+from util import run
+
+
+def png(path):
+    return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_group_analysis_reloads_the_models_and_saves_plots(workdir, tiny, capsys):
+    tiny["seeds"] = [1, 2]
+    result = run(RunConfig.from_dict(tiny))
+    group = result.group_dir.name
+    assert analyze.main(["--project", "test", "--group", group]) == 0
+    out = capsys.readouterr().out
+    reported = {m[0]: float(m[1]) for m in re.findall(r"/(\d+): validation loss (\S+)", out)}
+    # The reloaded weights give back the best validation loss recorded while training.
+    assert reported == pytest.approx({str(s.seed): s.best_value for s in result.seeds}, rel=1e-5)
+    plots = result.group_dir / "plots"
+    assert png(plots / "prediction_1.png") and png(plots / "prediction_2.png") and png(plots / "losses.png")
+
+
+def test_study_analysis_uses_the_best_trial(workdir, tiny, capsys):
+    tiny["epochs"] = 2
+    opt = OptimizeConfig.from_dict({"trials": 2, "seed": 0, "study_name": "s", "pruner": None, "search_space": {
+        "optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}})
+    study = run_study(RunConfig.from_dict(tiny), opt)
+    assert analyze.main(["--study", "s"]) == 0
+    out = capsys.readouterr().out
+    assert f"best trial {study.best_trial.number}" in out
+    assert png(workdir / study.best_trial.user_attrs["run_dir"] / "plots" / "losses.png")
+
+
+def test_interactive_prompts(workdir, tiny):
+    result = run(RunConfig.from_dict({**tiny, "seeds": [1, 2]}))
+    run(RunConfig.from_dict({**tiny, "group": "other"}))
+    groups = sorted(p.name for p in (workdir / "runs" / "test").iterdir())
+    # One project (taken without asking), then pick the group by number and seed "2" by name.
+    answers = f"{groups.index(result.group_dir.name)}\n2\n"
+    done = subprocess.run([sys.executable, str(ROOT / "analyze.py")], cwd=workdir, input=answers,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": "", "PATH": "/usr/bin:/bin", "HOME": str(workdir)})
+    # Not a terminal: scripts must say what they want instead of hanging on a prompt.
+    assert done.returncode == 2 and "--project and --group" in done.stderr
+    proc = subprocess.run(
+        ["script", "-qec", f"{sys.executable} {ROOT / 'analyze.py'}", "/dev/null"], cwd=workdir,
+        input=answers, capture_output=True, text=True, timeout=120) if _has_script() else None
+    if proc is None:
+        pytest.skip("the `script` tool (util-linux) is needed to give analyze.py a terminal")
+    assert proc.returncode == 0, proc.stdout
+    assert "/2: validation loss" in proc.stdout and "/1: validation loss" not in proc.stdout
+    assert png(result.group_dir / "plots" / "prediction_2.png")
+
+
+def _has_script():
+    import shutil
+    return shutil.which("script") is not None

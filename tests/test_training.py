@@ -1,0 +1,145 @@
+"""The Trainer and run(): per-sample losses, best weights on early stopping, NaN,
+bit-identical reruns, wandb offline and always closed."""
+import csv
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from config import RunConfig
+from model import MLP
+from util import Trainer, load_data, run, set_seed
+
+
+def make_trainer(model, lr=1e-2, scheduler=None, **kwargs):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scheduler = scheduler(optimizer) if scheduler else None
+    defaults = dict(device="cpu", epochs=5, batch_size=4)
+    return Trainer(model, optimizer, scheduler, torch.nn.MSELoss(), **{**defaults, **kwargs})
+
+
+def test_losses_are_per_sample_means_not_per_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 1), torch.randn(10, 1) * 5
+    model = MLP({"nodes": 4, "layers": 1})
+    trainer = make_trainer(model, batch_size=4)  # batches of 4, 4 and 2
+    full = torch.nn.functional.mse_loss(model(x), y).item()
+    per_batch = sum(torch.nn.functional.mse_loss(model(x[i:i + 4]), y[i:i + 4]).item() for i in (0, 4, 8)) / 3
+    assert abs(per_batch - full) > 1e-3  # the trap the original design fell into
+    assert trainer.evaluate(trainer.on_device(TensorDataset(x, y))) == pytest.approx(full, rel=1e-6)
+
+
+def test_early_stopping_keeps_and_reports_the_best_epoch():
+    set_seed(0)
+    train_set, val_set = load_data(n=200)
+    model = MLP({"nodes": 8, "layers": 2})
+    # The learning rate grows 4x per epoch: the loss improves, then gets worse.
+    trainer = make_trainer(model, lr=1e-2, epochs=30, batch_size=32, patience=2,
+                           scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 4.0 ** e))
+    result = trainer.train(train_set, val_set, seed=0)
+    val_losses = [h["val_loss"] for h in result.history]
+    assert result.status in ("early_stopped", "diverged")
+    assert result.epochs_run < 30
+    assert result.best_epoch == 1 + val_losses.index(min(val_losses))
+    assert result.best_epoch < result.epochs_run
+    assert result.best_value == min(val_losses) != val_losses[-1]
+    # The model handed back holds the best epoch's weights, not the last ones.
+    assert trainer.evaluate(trainer.on_device(val_set)) == pytest.approx(result.best_value, rel=1e-6)
+
+
+def test_max_mode_and_min_delta():
+    trainer = make_trainer(MLP({"nodes": 2, "layers": 1}), mode="max", min_delta=0.5)
+    assert trainer.improved(2.0, 1.0) and not trainer.improved(1.4, 1.0)
+    trainer = make_trainer(MLP({"nodes": 2, "layers": 1}), mode="min", min_delta=0.5)
+    assert trainer.improved(0.4, 1.0) and not trainer.improved(0.6, 1.0)
+
+
+def test_nan_stops_the_seed_cleanly():
+    set_seed(0)
+    train_set, val_set = load_data(n=200)
+    trainer = make_trainer(MLP({"nodes": 8, "layers": 2}), lr=1e8, epochs=20, batch_size=32)
+    result = trainer.train(train_set, val_set, seed=0)
+    assert result.status == "diverged"
+    assert result.epochs_run < 20
+    assert not math.isfinite(result.history[-1]["train_loss"]) or not math.isfinite(result.history[-1]["val_loss"])
+
+
+def test_general_datasets_use_a_dataloader_with_the_same_numbers():
+    """A Dataset that is not a TensorDataset takes the DataLoader path; evaluation agrees."""
+    train_set, val_set = load_data(n=100)
+
+    class Plain(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            return self.inner[i]
+
+    set_seed(1)
+    trainer = make_trainer(MLP({"nodes": 4, "layers": 1}), batch_size=7)
+    fast = trainer.evaluate(trainer.on_device(val_set))
+    assert trainer.evaluate(trainer.on_device(Plain(val_set))) == pytest.approx(fast, rel=1e-6)
+    result = trainer.train(Plain(train_set), Plain(val_set), seed=1)
+    assert result.epochs_run == 5 and math.isfinite(result.best_value)
+
+
+def read_losses(path):
+    with open(path) as f:
+        return [(r["train_loss"], r["val_loss"]) for r in csv.DictReader(f)]
+
+
+def test_same_config_and_seed_give_bit_identical_weights(workdir, tiny):
+    tiny["seeds"] = [5]
+    first = run(RunConfig.from_dict({**tiny, "group": "a"}))
+    second = run(RunConfig.from_dict({**tiny, "group": "b"}))
+    other = run(RunConfig.from_dict({**tiny, "group": "c", "seeds": [6]}))
+    weights = [torch.load(r.group_dir / str(r.seeds[0].seed) / "model.pt", weights_only=True)
+               for r in (first, second, other)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    assert read_losses(first.group_dir / "5" / "metrics.csv") == read_losses(second.group_dir / "5" / "metrics.csv")
+    assert first.seeds[0].best_value == second.seeds[0].best_value
+
+
+def test_wandb_offline_runs_are_written_grouped_per_seed(workdir, tiny):
+    tiny.update(seeds=[1, 2], wandb={"mode": "offline", "tags": ["smoke"]})
+    result = run(RunConfig.from_dict(tiny))
+    offline = sorted((workdir / "wandb_dir" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2
+    for folder in offline:
+        (log,) = folder.glob("run-*.wandb")
+        assert log.stat().st_size > 0  # what `wandb sync` uploads later
+    import wandb
+    assert wandb.run is None
+    assert len(result.seeds) == 2
+
+
+def test_wandb_auto_is_offline_without_credentials(workdir, tmp_path, monkeypatch):
+    from util import _wandb_mode
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    assert _wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert _wandb_mode("auto") == "online"
+    assert _wandb_mode("disabled") == "disabled"
+
+
+def test_wandb_is_closed_when_training_crashes(workdir, tiny):
+    import wandb
+    tiny["wandb"] = {"mode": "offline", "tags": []}
+
+    def crash(epoch, metrics):
+        if epoch == 2:
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        run(RunConfig.from_dict(tiny), first_seed_callbacks=[crash])
+    assert wandb.run is None  # finished in `finally`
+    (seed_dir,) = [p for p in next((workdir / "runs" / "test").iterdir()).iterdir() if p.name == "7"]
+    assert '"status": "failed"' in (seed_dir / "result.json").read_text()
+    assert len(read_losses(seed_dir / "metrics.csv")) == 2  # every finished epoch was kept
