@@ -137,3 +137,18 @@ def test_bad_optimize_config_exits_2_before_writing(workdir, tiny):
     assert result.stderr.strip() == ("error: o.yaml: search_space.net_config.nodes.min: "
                                      "min (8) is greater than max (2)")
     assert not (workdir / "runs").exists()
+
+
+def test_optuna_and_wandb_load_only_when_used(workdir, tiny):
+    import subprocess
+    import sys
+    write_yaml(workdir / "c.yaml", tiny)
+    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import main\n"
+             "code = main.main(sys.argv[1:]) if sys.argv[1:] != ['--help'] else None\n"
+             "print(code, sorted(m for m in ('torch', 'optuna', 'wandb', 'matplotlib') if m in sys.modules))")
+    trained = subprocess.run([sys.executable, "-c", probe, "--run_config", "c.yaml"], cwd=workdir,
+                             capture_output=True, text=True, timeout=120)
+    assert trained.stdout.strip().splitlines()[-1] == "0 ['torch']", trained.stderr
+    parsed_only = subprocess.run([sys.executable, "-c", probe, "--help"],
+                                 cwd=workdir, capture_output=True, text=True, timeout=60)
+    assert parsed_only.stdout.strip().splitlines()[-1] == "None []"  # importing main.py loads no torch
