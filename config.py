@@ -268,6 +268,9 @@ class WandbConfig:
 
 
 _PATH_KEYS = ("net", "optimizer", "scheduler", "criterion", "data")
+# Keys that change how long, where or how visibly a group trains, not what it trains.
+RUN_ONLY_KEYS = ("group", "seeds", "epochs", "device", "wandb", "checkpoint_every_s")
+_MISSING = object()
 _MODES = {"min": "minimize", "max": "maximize"}
 
 
@@ -290,7 +293,9 @@ class RunConfig:
     criterion: str = "torch.nn.MSELoss"
     criterion_config: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
-    group: str | None = None     # None: "<Net>_<hash of the whole config>"
+    group: str | None = None     # None: "<Net>_<hash of what the config trains>"
+    val_batch_size: int | None = None  # None: batch_size
+    checkpoint_every_s: float = 10.0   # full-state checkpoint at most this often (0: every epoch)
     monitor: str = "val_loss"    # the metric for best weights, early stopping and search
     mode: str = "min"            # min or max
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
@@ -312,8 +317,8 @@ class RunConfig:
 
     def _validate(self) -> None:
         err = lambda key, msg: ConfigError(self.source, key, msg)  # noqa: E731
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) <= 0:
+        for key in ("epochs", "batch_size", "val_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise err(key, f"must be a positive integer, got {getattr(self, key)}")
         if not self.seeds:
             raise err("seeds", "must list at least one seed")
@@ -327,6 +332,8 @@ class RunConfig:
             raise err("mode", f"must be 'min' or 'max', got {self.mode!r}")
         if self.monitor not in ("val_loss", "train_loss"):
             raise err("monitor", f"must be 'val_loss' or 'train_loss', got {self.monitor!r}")
+        if self.checkpoint_every_s < 0:
+            raise err("checkpoint_every_s", f"must be >= 0, got {self.checkpoint_every_s}")
         if self.early_stopping.patience is not None and self.early_stopping.patience < 1:
             raise err("early_stopping.patience", "must be a positive integer or null")
         if self.early_stopping.min_delta < 0:
@@ -369,12 +376,27 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def group_name(self) -> str:
-        """The run folder's name: unique to the whole config (bar `group` itself)."""
+        """The run folder's name: unique to what the config trains. Keys that only say how
+        long, where and how a run is watched (RUN_ONLY_KEYS) are left out, so that
+        `--resume` with more epochs or seeds continues the same group."""
         if self.group:
             return self.group
-        data = self.to_dict()
-        data.pop("group")
+        data = {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_KEYS}
         return f"{self.net.rsplit('.', 1)[-1]}_{_short_hash(data)}"
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        """Dotted keys whose values differ, bar RUN_ONLY_KEYS: what makes a resume unsafe."""
+        def flat(data: dict, prefix: str = "") -> dict:
+            out = {}
+            for key, value in data.items():
+                if isinstance(value, dict) and value:
+                    out.update(flat(value, f"{prefix}{key}."))
+                else:
+                    out[f"{prefix}{key}"] = value
+            return out
+        mine = flat({k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_KEYS})
+        theirs = flat({k: v for k, v in other.to_dict().items() if k not in RUN_ONLY_KEYS})
+        return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k, _MISSING) != theirs.get(k, _MISSING))
 
     @property
     def direction(self) -> str:

@@ -18,6 +18,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--optimize_config", metavar="YAML",
                         help="run an Optuna study over keys of the run config")
     parser.add_argument("--device", help="override `device:` (auto, cpu, cuda, cuda:N, mps)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished seeds of this config's group from their checkpoints")
     return parser.parse_args(argv)
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return 0 if best_path else 1
         from util import run
-        result = run(run_config)
+        result = run(run_config, resume=args.resume)
         print(result.summary())
         return 0 if result.values else 1
     except ConfigError as e:

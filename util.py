@@ -15,21 +15,23 @@ import json
 import math
 import os
 import random
+import secrets
 import statistics
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-from tqdm import tqdm
+from torch.utils.data import Dataset, TensorDataset
 
-from config import ConfigError, RunConfig
+import checkpoint
+from config import RUN_ONLY_KEYS, ConfigError, RunConfig
+from trainer import EpochCallback, Trainer, TrainResult  # noqa: F401  (util.Trainer: the loop)
 
 RUNS_DIR = Path("runs")
-EpochCallback = Callable[[int, dict], None]  # (epoch, metrics) after each epoch; may raise to stop
+METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "lr", "wall_time"]
+FINISHED = ("completed", "early_stopped", "diverged")
 
 
 # --------------------------------------------------------------------------- data and seeds
@@ -55,113 +57,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------- the loop
-
-@dataclass
-class TrainResult:
-    status: str                  # completed | early_stopped | diverged
-    best_value: float            # of the monitored metric, at best_epoch
-    best_epoch: int
-    epochs_run: int
-    history: list[dict] = field(default_factory=list)
-
-
-class Trainer:
-    """Trains one model: per batch forward, loss, backward, step; per epoch validate,
-    keep the best weights, stop early or on NaN. Read it top to bottom."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 criterion: Callable, *, device: str, epochs: int, batch_size: int,
-                 monitor: str = "val_loss", mode: str = "min", patience: int | None = None,
-                 min_delta: float = 0.0, callbacks: list[EpochCallback] = ()):
-        self.model, self.optimizer, self.scheduler, self.criterion = model, optimizer, scheduler, criterion
-        self.device, self.epochs, self.batch_size = device, epochs, batch_size
-        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
-        self.callbacks = list(callbacks)
-
-    def batches(self, data: Any, shuffle: bool, generator: torch.Generator) -> Iterator[tuple]:
-        """In-memory tensors are sliced by index on the device (no per-sample Python
-        work); any other dataset goes through a DataLoader."""
-        if isinstance(data, tuple):
-            n = len(data[0])
-            order = torch.randperm(n, generator=generator).to(self.device) if shuffle else None
-            for start in range(0, n, self.batch_size):
-                index = order[start:start + self.batch_size] if shuffle else slice(start, start + self.batch_size)
-                yield tuple(t[index] for t in data)
-        else:
-            loader = DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
-            for batch in loader:
-                yield tuple(t.to(self.device, non_blocking=True) for t in batch)
-
-    def on_device(self, dataset: Dataset) -> Any:
-        if isinstance(dataset, TensorDataset):
-            return tuple(t.to(self.device) for t in dataset.tensors)
-        return dataset
-
-    def train_epoch(self, data: Any, generator: torch.Generator) -> float:
-        self.model.train()
-        # Summed on the device and read once per epoch: no host sync per step.
-        total, count = torch.zeros((), device=self.device), 0
-        for x, y in self.batches(data, shuffle=True, generator=generator):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.criterion(self.model(x), y)
-            loss.backward()
-            self.optimizer.step()
-            total += loss.detach() * len(y)  # weight by batch size: a per-sample mean
-            count += len(y)
-        return (total / count).item()
-
-    @torch.inference_mode()
-    def evaluate(self, data: Any) -> float:
-        self.model.eval()
-        total, count = torch.zeros((), device=self.device), 0
-        for x, y in self.batches(data, shuffle=False, generator=None):
-            total += self.criterion(self.model(x), y) * len(y)
-            count += len(y)
-        return (total / count).item()
-
-    def improved(self, value: float, best: float) -> bool:
-        return value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
-
-    def train(self, train_set: Dataset, val_set: Dataset, seed: int, desc: str = "") -> TrainResult:
-        train_data, val_data = self.on_device(train_set), self.on_device(val_set)
-        generator = torch.Generator().manual_seed(seed)  # the shuffling order, per seed
-        best = math.inf if self.mode == "min" else -math.inf
-        best_epoch, best_state, status = 0, None, "completed"
-        history: list[dict] = []
-        start = time.perf_counter()
-        bar = tqdm(range(1, self.epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
-        for epoch in bar:
-            lr = self.optimizer.param_groups[0]["lr"]
-            train_loss = self.train_epoch(train_data, generator)
-            val_loss = self.evaluate(val_data)
-            metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                       "lr": lr, "wall_time": time.perf_counter() - start}
-            history.append(metrics)
-            bar.set_postfix(train_loss=f"{train_loss:.4g}", val_loss=f"{val_loss:.4g}")
-            for callback in self.callbacks:  # metrics.csv, wandb, Optuna (may raise TrialPruned)
-                callback(epoch, metrics)
-            value = metrics[self.monitor]
-            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                status = "diverged"
-                break
-            if self.improved(value, best):
-                best, best_epoch = value, epoch
-                best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            elif self.patience is not None and epoch - best_epoch >= self.patience:
-                status = "early_stopped"
-                break
-            if self.scheduler is not None:
-                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    self.scheduler.step(value)
-                else:
-                    self.scheduler.step()
-        bar.close()
-        if best_state is not None:  # hand back the best weights, not the last ones
-            self.model.load_state_dict(best_state)
-        return TrainResult(status, best, best_epoch, len(history), history)
 
 
 # --------------------------------------------------------------------------- runs
@@ -208,12 +103,13 @@ class RunResult:
 
 
 def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = (),
-        first_seed_callbacks: list[EpochCallback] = ()) -> RunResult:
+        first_seed_callbacks: list[EpochCallback] = (), resume: bool = False) -> RunResult:
     """Train one model per seed; write runs/<project>/<group>/<seed>/.
 
-    Everything that can fail on bad input (device, data, model, optimizer, existing
-    results) is checked before anything is written. `first_seed_callbacks` lets a
-    search report the first seed's curve to Optuna.
+    Everything that can fail on bad input (device, data, model, optimizer, results or
+    files already on disk, an unwritable runs/) is checked before anything is written.
+    With `resume`, finished seeds are kept and unfinished ones continue from their
+    checkpoints. `first_seed_callbacks` lets a search report the first seed's curve.
     """
     device = config.resolve_device()
     train_set, val_set = config.load_data()
@@ -221,51 +117,74 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
     _build(config, device)  # a throwaway build: a bad net_config fails before any file exists
     group = group or config.group_name()
     group_dir = RUNS_DIR / config.project / group
-    _refuse_existing(config, group_dir)
-
-    group_dir.mkdir(parents=True, exist_ok=True)
-    config.with_overrides({"group": group}).to_yaml(group_dir / "config.yaml")
+    _check_group(config, group_dir, resume)
+    try:
+        group_dir.mkdir(parents=True, exist_ok=True)
+        config.with_overrides({"group": group}).to_yaml(group_dir / ".config.yaml.tmp")
+        os.replace(group_dir / ".config.yaml.tmp", group_dir / "config.yaml")
+    except OSError as e:
+        raise ConfigError(str(group_dir), "", f"cannot write the run folder: {e.strerror or e}") from None
     results = []
     for index, seed in enumerate(config.seeds):
-        run_dir = group_dir / str(seed)
-        run_dir.mkdir()
-        set_seed(seed)
-        model, optimizer, scheduler, criterion = _build(config, device)
-        logger = _start_wandb(config, group, seed, tags, group_dir)
-        with open(run_dir / "metrics.csv", "w", newline="") as csv_file:
-            writer = csv.writer(csv_file)
-            writer.writerow(["epoch", "train_loss", "val_loss", "lr", "wall_time"])
-
-            def write_row(epoch: int, metrics: dict) -> None:
-                writer.writerow([metrics[k] for k in ("epoch", "train_loss", "val_loss", "lr", "wall_time")])
-                csv_file.flush()  # a crash keeps every finished epoch
-
-            callbacks = [write_row] + ([lambda epoch, m: logger.log(m, step=epoch)] if logger else [])
-            callbacks += list(first_seed_callbacks) if index == 0 else []
-            trainer = Trainer(model, optimizer, scheduler, criterion, device=device,
-                              epochs=config.epochs, batch_size=config.batch_size,
-                              monitor=config.monitor, mode=config.mode,
-                              patience=config.early_stopping.patience,
-                              min_delta=config.early_stopping.min_delta, callbacks=callbacks)
-            outcome = "failed"
-            try:
-                result = trainer.train(train_set, val_set, seed, desc=f"{group} seed {seed}")
-                outcome = result.status
-            except BaseException as e:  # pruned, interrupted or crashed: say so on disk
-                outcome = "pruned" if type(e).__name__ == "TrialPruned" else \
-                    "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-                _write_json(run_dir / "result.json", {"seed": seed, "status": outcome, "error": repr(e)})
-                raise
-            finally:
-                if logger is not None:  # always close the wandb run, whatever happened
-                    logger.summary.update({"status": outcome})
-                    logger.finish(exit_code=0 if outcome not in ("failed", "interrupted") else 1)
-        torch.save(model.state_dict(), run_dir / "model.pt")
-        seed_result = SeedResult(seed, result.status, result.best_value, result.best_epoch,
-                                 result.epochs_run, str(run_dir))
-        _write_json(run_dir / "result.json", asdict(seed_result))
-        results.append(seed_result)
+        callbacks = list(first_seed_callbacks) if index == 0 else []
+        results.append(_run_seed(config, group, group_dir / str(seed), seed, device,
+                                 (train_set, val_set), callbacks, tags))
     return RunResult(group_dir, config.monitor, results)
+
+
+def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: str, data: tuple,
+              callbacks: list[EpochCallback], tags: tuple[str, ...]) -> SeedResult:
+    """Train (or continue, or just report) one seed in run_dir."""
+    done = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else {}
+    if done.get("status") in FINISHED and not (done["status"] == "completed" and done["epochs_run"] < config.epochs):
+        return SeedResult(**done)  # finished before: kept as it is
+    state = checkpoint.load(run_dir / "checkpoint.pt", device) if (run_dir / "checkpoint.pt").exists() else None
+    run_dir.mkdir(exist_ok=True)
+    set_seed(seed)
+    model, optimizer, scheduler, criterion = _build(config, device)
+    history = state["history"] if state else []
+    with open(run_dir / "metrics.csv", "w", newline="") as f:  # rows after the checkpoint are redone
+        csv.writer(f).writerows([METRICS_COLUMNS] + [[m[k] for k in METRICS_COLUMNS] for m in history])
+    saved_best = [state["best_epoch"] if state else None]
+
+    def save_checkpoint(full_state: dict) -> None:
+        checkpoint.save(run_dir / "checkpoint.pt", full_state)
+        if full_state["best_state"] is not None and full_state["best_epoch"] != saved_best[0]:
+            checkpoint.save(run_dir / "best.pt", full_state["best_state"])
+            saved_best[0] = full_state["best_epoch"]
+
+    logger = _start_wandb(config, group, seed, tags, run_dir)
+    with open(run_dir / "metrics.csv", "a", newline="") as csv_file:
+        writer = csv.writer(csv_file)
+
+        def write_row(epoch: int, metrics: dict) -> None:
+            writer.writerow([metrics[k] for k in METRICS_COLUMNS])
+            csv_file.flush()  # a crash keeps every finished epoch
+
+        log = [lambda epoch, metrics: logger.log(metrics, step=epoch)] if logger else []
+        trainer = Trainer(model, optimizer, scheduler, criterion, device=device, epochs=config.epochs,
+                          batch_size=config.batch_size, val_batch_size=config.val_batch_size,
+                          monitor=config.monitor, mode=config.mode, patience=config.early_stopping.patience,
+                          min_delta=config.early_stopping.min_delta, callbacks=[write_row, *log, *callbacks],
+                          on_checkpoint=save_checkpoint, checkpoint_every_s=config.checkpoint_every_s)
+        outcome = "failed"
+        try:
+            result = trainer.train(*data, seed, desc=f"{group} seed {seed}", resume_from=state)
+            outcome = result.status
+        except BaseException as e:  # pruned, interrupted or crashed: say so on disk
+            outcome = "pruned" if type(e).__name__ == "TrialPruned" else \
+                "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            _write_json(run_dir / "result.json", {"seed": seed, "status": outcome, "error": repr(e)})
+            raise
+        finally:
+            if logger is not None:  # always close the wandb run, whatever happened
+                logger.summary.update({"status": outcome})
+                logger.finish(exit_code=0 if outcome not in ("failed", "interrupted") else 1)
+    checkpoint.save(run_dir / "model.pt", model.state_dict())  # the best epoch's weights
+    seed_result = SeedResult(seed, result.status, result.best_value, result.best_epoch,
+                             result.epochs_run, str(run_dir))
+    _write_json(run_dir / "result.json", asdict(seed_result))
+    return seed_result
 
 
 def _build(config: RunConfig, device: str) -> tuple:
@@ -274,23 +193,48 @@ def _build(config: RunConfig, device: str) -> tuple:
     return model, optimizer, config.build_scheduler(optimizer), config.build_criterion()
 
 
-def _refuse_existing(config: RunConfig, group_dir: Path) -> None:
-    """Results on disk are never overwritten: refuse before writing anything."""
+def _check_group(config: RunConfig, group_dir: Path, resume: bool) -> None:
+    """Results on disk are never overwritten, and a resume never mixes two configs:
+    refuse before writing anything."""
     if group_dir.exists() and not group_dir.is_dir():
         raise ConfigError(config.source, "project", f"{group_dir} exists and is not a folder")
-    done = [str(s) for s in config.seeds if (group_dir / str(s)).exists()]
-    if done:
-        raise ConfigError(config.source, "seeds",
-                          f"{group_dir}/ already holds seed(s) {', '.join(done)}; results are never "
-                          "overwritten: delete that folder to train again, or set another `group`")
+    for parent in (RUNS_DIR, RUNS_DIR / config.project):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(str(parent), "", "exists and is not a folder, so runs cannot be written there")
+    started = [str(s) for s in config.seeds if (group_dir / str(s)).exists()]
     saved = group_dir / "config.yaml"
-    if saved.exists() and RunConfig.from_yaml(saved).with_overrides({"group": None}).to_dict() \
-            != config.with_overrides({"group": None}).to_dict():
-        raise ConfigError(config.source, "group", f"{group_dir}/ holds a different config; choose another group")
+    if not resume:
+        if started:
+            raise ConfigError(config.source, "seeds",
+                              f"{group_dir}/ already holds seed(s) {', '.join(started)}; results are never "
+                              "overwritten: pass --resume to continue unfinished seeds (finished ones are "
+                              "kept), or delete that folder to train again")
+    elif not saved.exists():
+        nearest = _nearest_group(config, group_dir.parent)
+        hint = f"; the nearest, {nearest[0]}, differs in {', '.join(nearest[1])}" if nearest else ""
+        raise ConfigError(config.source, "group", f"nothing to resume at {group_dir}/{hint}")
+    if saved.exists():
+        differing = RunConfig.from_yaml(saved).differences(config)
+        if differing:
+            raise ConfigError(config.source, differing[0],
+                              f"{group_dir}/ was trained with a different config (differs in "
+                              f"{', '.join(differing)}); only {', '.join(RUN_ONLY_KEYS)} may change")
+
+
+def _nearest_group(config: RunConfig, project_dir: Path) -> tuple[str, list[str]] | None:
+    candidates = []
+    for saved in sorted(project_dir.glob("*/config.yaml")):
+        try:
+            candidates.append((saved.parent.name, RunConfig.from_yaml(saved).differences(config)))
+        except ConfigError:
+            continue
+    return min(candidates, key=lambda c: len(c[1])) if candidates else None
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _wandb_mode(mode: str) -> str:
@@ -310,15 +254,20 @@ def _wandb_mode(mode: str) -> str:
     return "offline"
 
 
-def _start_wandb(config: RunConfig, group: str, seed: int, tags: tuple[str, ...], group_dir: Path) -> Any:
+def _start_wandb(config: RunConfig, group: str, seed: int, tags: tuple[str, ...], run_dir: Path) -> Any:
     mode = _wandb_mode(config.wandb.mode)
     if mode == "disabled":
         return None
     import wandb  # imported only when used: it costs start-up time
+    # One wandb run per seed for its whole life: a resumed seed continues the same run.
+    id_file = run_dir / "wandb_id"
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(4))
     return wandb.init(
         project=config.project, entity=config.wandb.entity, group=group, name=f"{group}/{seed}",
+        id=id_file.read_text().strip(), resume="allow",
         tags=[config.net.rsplit(".", 1)[-1], *config.wandb.tags, *tags],
         config={**config.to_dict(), "seed": seed}, mode=mode,
-        dir=os.environ.get("WANDB_DIR") or str(group_dir),  # offline files sit beside the run
+        dir=os.environ.get("WANDB_DIR") or str(run_dir.parent),  # offline files sit beside the run
         settings=wandb.Settings(silent=True, console="off"),
     )

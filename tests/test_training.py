@@ -50,9 +50,11 @@ def test_early_stopping_keeps_and_reports_the_best_epoch():
 
 def test_max_mode_and_min_delta():
     trainer = make_trainer(MLP({"nodes": 2, "layers": 1}), mode="max", min_delta=0.5)
-    assert trainer.improved(2.0, 1.0) and not trainer.improved(1.4, 1.0)
+    trainer.best = 1.0
+    assert trainer.improved(2.0) and not trainer.improved(1.4)
     trainer = make_trainer(MLP({"nodes": 2, "layers": 1}), mode="min", min_delta=0.5)
-    assert trainer.improved(0.4, 1.0) and not trainer.improved(0.6, 1.0)
+    trainer.best = 1.0
+    assert trainer.improved(0.4) and not trainer.improved(0.6)
 
 
 def test_nan_stops_the_seed_cleanly():

@@ -1,0 +1,68 @@
+"""Checkpoints that survive crashes: atomic writes, safe loads, and the RNG states
+that make a resumed run continue exactly where the original would have gone.
+
+    save(path, state)        # temporary file, flush, fsync, rename, fsync the folder
+    state = load(path)       # torch.load(weights_only=True): never runs pickled code
+
+A process killed during `save` leaves the previous file intact (the rename is the
+only step that replaces it, and it is atomic on POSIX file systems).
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def save(path: Path, state: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself reaches the disk only when the folder is synced
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load(path: Path, device: str = "cpu") -> Any:
+    """Load tensors and plain containers only; a file carrying code is refused."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path}: not a loadable checkpoint (it may hold code, which is never run): "
+                           f"{str(e).splitlines()[0]}") from None
+
+
+def rng_states() -> dict:
+    """Python, NumPy, torch and CUDA generator states, in types weights_only can load."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    py = states["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np_state = states["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,228 @@
+"""The training loop: one model, one seed, read top to bottom.
+
+    trainer = Trainer(model, optimizer, scheduler, criterion, device="cpu", epochs=50, batch_size=256)
+    result = trainer.train(train_set, val_set, seed=42)
+
+Per batch: forward, loss, backward, step. Per epoch: validate, call the callbacks
+(metrics.csv, wandb, Optuna), keep the best weights, stop early or on NaN/inf,
+step the scheduler, and hand a checkpoint to `on_checkpoint` at most every
+`checkpoint_every_s` seconds (always after the last epoch, and on SIGINT/SIGTERM).
+Everything the loop needs to continue is in `state_dict()`, so a resumed run
+continues bit for bit, even from the middle of an epoch.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm import tqdm
+
+import checkpoint
+
+EpochCallback = Callable[[int, dict], None]  # (epoch, metrics) after each epoch; may raise to stop
+
+
+@dataclass
+class TrainResult:
+    status: str                  # completed | early_stopped | diverged
+    best_value: float            # of the monitored metric, at best_epoch
+    best_epoch: int
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains one model; see the module docstring. A plain class: no base, no hooks by type."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 criterion: Callable, *, device: str, epochs: int, batch_size: int,
+                 val_batch_size: int | None = None, monitor: str = "val_loss", mode: str = "min",
+                 patience: int | None = None, min_delta: float = 0.0, callbacks: list[EpochCallback] = (),
+                 on_checkpoint: Callable[[dict], None] | None = None, checkpoint_every_s: float = 10.0):
+        self.model, self.optimizer, self.scheduler, self.criterion = model, optimizer, scheduler, criterion
+        self.device, self.epochs, self.batch_size = device, epochs, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.callbacks, self.on_checkpoint = list(callbacks), on_checkpoint
+        self.checkpoint_every_s = checkpoint_every_s
+        # Where training stands. All of it goes into a checkpoint.
+        self.generator = torch.Generator()   # the shuffling order
+        self.epoch = 0                       # epochs finished
+        self.batch = 0                       # batches finished in the current epoch (after an interrupt)
+        self.epoch_order_state = None        # generator state when the current epoch drew its order
+        self.loss_sum, self.loss_count = None, 0
+        self.best = math.inf if mode == "min" else -math.inf
+        self.best_epoch, self.best_state = 0, None
+        self.status = "running"
+        self.history: list[dict] = []
+        self.elapsed = 0.0                   # training seconds before this process took over
+        self.stop_requested = False          # set by SIGINT/SIGTERM, checked between batches
+
+    # ---- data
+
+    def on_device(self, dataset: Dataset) -> Any:
+        """A TensorDataset moves to the device once; anything else stays a Dataset."""
+        if isinstance(dataset, TensorDataset):
+            return tuple(t.to(self.device) for t in dataset.tensors)
+        return dataset
+
+    def batches(self, data: Any, batch_size: int, generator: torch.Generator | None = None,
+                skip: int = 0) -> Iterator[tuple]:
+        """In-memory tensors are sliced by index on the device (no per-sample Python work);
+        any other dataset goes through a DataLoader. `generator` shuffles; `skip` resumes."""
+        if isinstance(data, tuple):
+            n = len(data[0])
+            order = torch.randperm(n, generator=generator).to(self.device) if generator is not None else None
+            for start in range(skip * batch_size, n, batch_size):
+                index = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+                yield tuple(t[index] for t in data)
+        else:
+            loader = DataLoader(data, batch_size=batch_size, shuffle=generator is not None, generator=generator)
+            for batch in islice(loader, skip, None):
+                yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    # ---- one epoch
+
+    def train_epoch(self, data: Any) -> float | None:
+        """The per-sample mean training loss, or None when a signal stopped it part-way."""
+        self.model.train()
+        if self.batch == 0:
+            self.epoch_order_state = self.generator.get_state()
+            # Summed on the device and read once per epoch: no host sync per step.
+            self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
+        else:  # resuming mid-epoch: draw the same order again, then skip what was done
+            self.generator.set_state(self.epoch_order_state)
+        for x, y in self.batches(data, self.batch_size, self.generator, skip=self.batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.criterion(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            self.loss_sum += loss.detach() * len(y)  # weight by batch size: a per-sample mean
+            self.loss_count += len(y)
+            self.batch += 1
+            if self.stop_requested:
+                return None
+        self.batch = 0
+        return (self.loss_sum / self.loss_count).item()
+
+    @torch.inference_mode()
+    def evaluate(self, data: Any) -> float:
+        self.model.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for x, y in self.batches(data, self.val_batch_size):
+            total += self.criterion(self.model(x), y) * len(y)
+            count += len(y)
+        return (total / count).item()
+
+    def improved(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    # ---- the loop
+
+    def train(self, train_set: Dataset, val_set: Dataset, seed: int, desc: str = "",
+              resume_from: dict | None = None) -> TrainResult:
+        train_data, val_data = self.on_device(train_set), self.on_device(val_set)
+        self.generator.manual_seed(seed)
+        if resume_from is not None:
+            self.load_state_dict(resume_from)
+        started, last_saved = time.perf_counter(), time.monotonic()
+        # A checkpoint of a seed that already stopped (early, or diverged) has nothing left to run.
+        remaining = range(self.epoch + 1, self.epochs + 1) if self.status == "running" else range(0)
+        bar = tqdm(remaining, initial=self.epoch, total=self.epochs, desc=desc, unit="epoch", dynamic_ncols=True)
+        with self.stop_on_signals():
+            for epoch in bar:
+                lr = self.optimizer.param_groups[0]["lr"]
+                train_loss = self.train_epoch(train_data)
+                if train_loss is None:  # SIGINT/SIGTERM: save exactly where we are, then stop
+                    self.save_checkpoint(started)
+                    raise KeyboardInterrupt(f"stopped by a signal in epoch {epoch}; checkpoint saved")
+                val_loss = self.evaluate(val_data)
+                self.epoch = epoch
+                metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                           "wall_time": self.elapsed + time.perf_counter() - started}
+                self.history.append(metrics)
+                bar.set_postfix(train_loss=f"{train_loss:.4g}", val_loss=f"{val_loss:.4g}")
+                for callback in self.callbacks:  # metrics.csv, wandb, Optuna (may raise TrialPruned)
+                    callback(epoch, metrics)
+                value = metrics[self.monitor]
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                    self.status = "diverged"
+                    break
+                if self.improved(value):
+                    self.best, self.best_epoch = value, epoch
+                    self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                elif self.patience is not None and epoch - self.best_epoch >= self.patience:
+                    self.status = "early_stopped"
+                    break
+                if self.scheduler is not None:
+                    if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                        self.scheduler.step(value)
+                    else:
+                        self.scheduler.step()
+                if time.monotonic() - last_saved >= self.checkpoint_every_s:
+                    self.save_checkpoint(started)
+                    last_saved = time.monotonic()
+        bar.close()
+        if self.status == "running":
+            self.status = "completed"
+        self.save_checkpoint(started)  # always after the last epoch
+        if self.best_state is not None:  # hand back the best weights, not the last ones
+            self.model.load_state_dict(self.best_state)
+        return TrainResult(self.status, self.best, self.best_epoch, self.epoch, self.history)
+
+    # ---- checkpoints and signals
+
+    def save_checkpoint(self, started: float) -> None:
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.state_dict(self.elapsed + time.perf_counter() - started))
+
+    def state_dict(self, elapsed: float) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "epoch": self.epoch, "batch": self.batch, "epoch_order_state": self.epoch_order_state,
+            "loss_sum": self.loss_sum, "loss_count": self.loss_count, "generator": self.generator.get_state(),
+            "best": self.best, "best_epoch": self.best_epoch, "best_state": self.best_state,
+            "status": self.status, "history": self.history, "elapsed": elapsed, "rng": checkpoint.rng_states(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        for key in ("epoch", "batch", "epoch_order_state", "loss_sum", "loss_count", "best", "best_epoch",
+                    "best_state", "status", "history", "elapsed"):
+            setattr(self, key, state[key])
+        self.generator.set_state(state["generator"])
+        checkpoint.set_rng_states(state["rng"])
+        if self.status == "completed" and self.epoch < self.epochs:
+            self.status = "running"  # `epochs` was raised: train longer
+
+    @contextmanager
+    def stop_on_signals(self):
+        """SIGINT/SIGTERM ask the loop to stop after the current batch (handlers must do
+        nothing heavy); the loop then saves a checkpoint and raises KeyboardInterrupt."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
