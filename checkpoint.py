@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from config import ConfigError
+
 
 def save(path: Path, state: Any) -> None:
     path = Path(path)
@@ -38,8 +40,8 @@ def load(path: Path, device: str = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{path}: not a loadable checkpoint (it may hold code, which is never run): "
-                           f"{str(e).splitlines()[0]}") from None
+        raise ConfigError(str(path), "", "refused: not a plain weights/checkpoint file (anything that "
+                          f"would run code is never loaded): {str(e).splitlines()[0]}") from None
 
 
 def rng_states() -> dict:

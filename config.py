@@ -459,6 +459,10 @@ class OptimizeConfig:
     pruner: str | None = "pruner.PFLPruner"
     pruner_config: dict[str, Any] = field(default_factory=dict)
     storage: str | None = None  # None: sqlite file runs/<project>/optuna.db
+    # A trial whose process died stops beating; after grace_period seconds it is marked
+    # failed, so a restarted study neither waits for it nor counts it.
+    heartbeat_interval: int = 10
+    grace_period: int | None = None  # None: 2 x heartbeat_interval
     source: str = field(default="<dict>", compare=False, repr=False)
 
     @classmethod
@@ -494,8 +498,9 @@ class OptimizeConfig:
 
     def _validate(self) -> None:
         err = lambda key, msg: ConfigError(self.source, key, msg)  # noqa: E731
-        if self.trials <= 0:
-            raise err("trials", f"must be a positive integer, got {self.trials}")
+        for key in ("trials", "heartbeat_interval", "grace_period"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise err(key, f"must be a positive integer, got {getattr(self, key)}")
         if self.study_name is not None and not re.fullmatch(r"[\w.-]+", self.study_name):
             raise err("study_name", f"must be letters, digits, _ . -, got {self.study_name!r}")
         for dotted, spec in self.search_space.items():
@@ -530,8 +535,8 @@ class OptimizeConfig:
         `trials` and rerunning continues the same study)."""
         if self.study_name:
             return self.study_name
-        data = _to_plain(self)
-        data.pop("trials")
+        data = {k: v for k, v in _to_plain(self).items()
+                if k not in ("trials", "storage", "heartbeat_interval", "grace_period")}
         data["run_config"] = run_config.to_dict()
         return f"{run_config.net.rsplit('.', 1)[-1]}_search_{_short_hash(data)}"
 

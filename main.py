@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: finished epochs and checkpoints are kept; rerun with --resume to continue "
+              "(a search continues with the same command)", file=sys.stderr)
         return 130
 
 

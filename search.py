@@ -12,6 +12,7 @@ continues the study until it holds `trials` finished (complete or pruned) trials
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import optuna
@@ -31,12 +32,17 @@ def suggest(trial: optuna.Trial, name: str, spec: dict):
                           **({"step": spec["step"]} if "step" in spec else {}))
 
 
-def storage_url(run_config: RunConfig, opt_config: OptimizeConfig) -> str:
-    if opt_config.storage:
-        return opt_config.storage
-    path = RUNS_DIR / run_config.project / "optuna.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+def open_storage(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.storages.BaseStorage:
+    """The study's storage, with heartbeats so that trials of a killed process are failed."""
+    url = opt_config.storage
+    if url is None:
+        path = RUNS_DIR / run_config.project / "optuna.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{path}"
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and stable for years
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=opt_config.heartbeat_interval,
+                                          grace_period=opt_config.grace_period)
 
 
 def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name: str):
@@ -78,7 +84,7 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study
     sampler, pruner = opt_config.build_sampler(), opt_config.build_pruner()
     study_name = opt_config.name_for(run_config)
     study = optuna.create_study(
-        storage=storage_url(run_config, opt_config), study_name=study_name, sampler=sampler,
+        storage=open_storage(run_config, opt_config), study_name=study_name, sampler=sampler,
         pruner=pruner or optuna.pruners.NopPruner(), direction=run_config.direction, load_if_exists=True)
     remaining = opt_config.trials - len(study.get_trials(deepcopy=False, states=FINISHED))
     if remaining > 0:
