@@ -87,47 +87,6 @@ def test_all_seeds_diverging_is_reported(workdir, tiny):
     assert "Traceback" not in result.stderr
 
 
-BROKEN_MODULE = "import torch\nclass Net(torch.nn.Module):\n    def __init__(self, hparams, device='cpu'):\n" \
-                "        raise ValueError('width must be even')\n"
-
-# (description, how to write the broken input, the key the one line must name)
-BAD_INPUT = [
-    ("malformed YAML", lambda d, t: (d / "c.yaml").write_text("epochs: [1, 2\nseeds: 3\n"), "invalid YAML"),
-    ("duplicate key", lambda d, t: (d / "c.yaml").write_text("epochs: 1\nepochs: 2\n"), "duplicate key 'epochs'"),
-    ("not a mapping", lambda d, t: (d / "c.yaml").write_text("- 1\n- 2\n"), "mapping"),
-    ("unknown key", lambda d, t: write_yaml(d / "c.yaml", {**t, "batchsize": 3}), "batchsize"),
-    ("missing key", lambda d, t: write_yaml(d / "c.yaml", {k: v for k, v in t.items() if k != "epochs"}),
-     "epochs: missing"),
-    ("wrong type", lambda d, t: write_yaml(d / "c.yaml", {**t, "batch_size": "big"}), "batch_size"),
-    ("zero epochs", lambda d, t: write_yaml(d / "c.yaml", {**t, "epochs": 0}), "epochs"),
-    ("negative batch", lambda d, t: write_yaml(d / "c.yaml", {**t, "batch_size": -1}), "batch_size"),
-    ("empty seeds", lambda d, t: write_yaml(d / "c.yaml", {**t, "seeds": []}), "seeds"),
-    ("bad module", lambda d, t: write_yaml(d / "c.yaml", {**t, "net": "modle.MLP"}), "net: module 'modle' not found"),
-    ("bad class", lambda d, t: write_yaml(d / "c.yaml", {**t, "net": "model.MLPP"}), "net: module 'model' has no"),
-    ("net_config rejected", lambda d, t: write_yaml(d / "c.yaml", {**t, "net_config": {"nodes": 4}}),
-     "net_config: model.MLP rejected it"),
-    ("model raises", lambda d, t: ((d / "broken.py").write_text(BROKEN_MODULE),
-                                   write_yaml(d / "c.yaml", {**t, "net": "broken.Net"})),
-     "net_config: broken.Net rejected it: ValueError: width must be even"),
-    ("optimizer kwarg", lambda d, t: write_yaml(d / "c.yaml", {**t, "optimizer_config": {"lr": 1e-3, "betas1": 1}}),
-     "optimizer_config"),
-    ("bad device", lambda d, t: write_yaml(d / "c.yaml", {**t, "device": "tpu"}), "device"),
-    ("missing file", lambda d, t: None, "cannot read"),
-]
-
-
-@pytest.mark.parametrize("make,words", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
-def test_bad_input_is_one_line_exit_2_nothing_written(workdir, tiny, make, words):
-    make(workdir, tiny)
-    result = run_main("--run_config", "c.yaml", cwd=workdir)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: c.yaml: ") and words in lines[0]
-    assert "Traceback" not in result.stderr
-    assert not (workdir / "runs").exists()
-
-
 def test_bad_optimize_config_exits_2_before_writing(workdir, tiny):
     write_yaml(workdir / "c.yaml", tiny)
     write_yaml(workdir / "o.yaml", {"trials": 2, "search_space": {"net_config": {
