@@ -59,8 +59,7 @@ def load_model(group_dir: Path, seed: str, device: str):
 
 def validation_loss(config, model, val_set, device: str) -> float:
     from util import Trainer
-    trainer = Trainer(model, None, None, config.build_criterion(), device=device,
-                      epochs=1, batch_size=config.batch_size)
+    trainer = Trainer(model, None, None, config.build_criterion(), config, device=device)
     return trainer.evaluate(trainer.on_device(val_set))
 
 

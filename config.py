@@ -260,6 +260,20 @@ class EarlyStopping:
 
 
 @dataclass(frozen=True)
+class TrainerConfig:
+    """How the loop runs. All off by default; see README "Speed"."""
+    precision: str = "fp32"              # fp32 | bf16 | fp16: autocast (fp16 with a gradient scaler)
+    compile: bool = False                # torch.compile the model
+    grad_clip: float | None = None       # clip the gradient norm to this
+    grad_accum: int = 1                  # micro-batches per optimizer step
+    deterministic: bool = False          # deterministic kernels; otherwise cudnn.benchmark on CUDA
+    val_batch_size: int | None = None    # None: batch_size
+    num_workers: int = 0                 # DataLoader settings, used for datasets that are
+    pin_memory: bool = False             # not in-memory tensors
+    persistent_workers: bool = False
+
+
+@dataclass(frozen=True)
 class WandbConfig:
     # auto: online when credentials exist (WANDB_API_KEY or ~/.netrc), else offline.
     mode: str = "auto"
@@ -294,11 +308,11 @@ class RunConfig:
     criterion_config: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     group: str | None = None     # None: "<Net>_<hash of what the config trains>"
-    val_batch_size: int | None = None  # None: batch_size
     checkpoint_every_s: float = 10.0   # full-state checkpoint at most this often (0: every epoch)
     monitor: str = "val_loss"    # the metric for best weights, early stopping and search
     mode: str = "min"            # min or max
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     source: str = field(default="<dict>", compare=False, repr=False)  # file it came from
 
@@ -317,8 +331,8 @@ class RunConfig:
 
     def _validate(self) -> None:
         err = lambda key, msg: ConfigError(self.source, key, msg)  # noqa: E731
-        for key in ("epochs", "batch_size", "val_batch_size"):
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) <= 0:
                 raise err(key, f"must be a positive integer, got {getattr(self, key)}")
         if not self.seeds:
             raise err("seeds", "must list at least one seed")
@@ -332,6 +346,17 @@ class RunConfig:
             raise err("mode", f"must be 'min' or 'max', got {self.mode!r}")
         if self.monitor not in ("val_loss", "train_loss"):
             raise err("monitor", f"must be 'val_loss' or 'train_loss', got {self.monitor!r}")
+        t = self.trainer
+        if t.precision not in ("fp32", "bf16", "fp16"):
+            raise err("trainer.precision", f"must be fp32, bf16 or fp16, got {t.precision!r}")
+        for key, value in (("grad_clip", t.grad_clip), ("grad_accum", t.grad_accum),
+                           ("val_batch_size", t.val_batch_size)):
+            if value is not None and value <= 0:
+                raise err(f"trainer.{key}", f"must be positive, got {value}")
+        if t.num_workers < 0:
+            raise err("trainer.num_workers", f"must be >= 0, got {t.num_workers}")
+        if t.persistent_workers and t.num_workers == 0:
+            raise err("trainer.persistent_workers", "needs num_workers > 0")
         if self.checkpoint_every_s < 0:
             raise err("checkpoint_every_s", f"must be >= 0, got {self.checkpoint_every_s}")
         if self.early_stopping.patience is not None and self.early_stopping.patience < 1:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
 import checkpoint
+from config import RunConfig
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, metrics) after each epoch; may raise to stop
 
@@ -40,26 +41,33 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains one model; see the module docstring. A plain class: no base, no hooks by type."""
+    """Trains one model; see the module docstring. A plain class: no base, no hooks by type.
+
+    The loop settings come from the RunConfig: epochs, batch_size, monitor, mode,
+    early_stopping and the `trainer:` section (precision, compile, clipping, ...).
+    """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 criterion: Callable, *, device: str, epochs: int, batch_size: int,
-                 val_batch_size: int | None = None, monitor: str = "val_loss", mode: str = "min",
-                 patience: int | None = None, min_delta: float = 0.0, callbacks: list[EpochCallback] = (),
-                 on_checkpoint: Callable[[dict], None] | None = None, checkpoint_every_s: float = 10.0):
+                 criterion: Callable, config: RunConfig, *, device: str,
+                 callbacks: list[EpochCallback] = (), on_checkpoint: Callable[[dict], None] | None = None):
         self.model, self.optimizer, self.scheduler, self.criterion = model, optimizer, scheduler, criterion
-        self.device, self.epochs, self.batch_size = device, epochs, batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.config, self.options, self.device = config, config.trainer, device
+        self.epochs, self.batch_size, self.mode = config.epochs, config.batch_size, config.mode
+        self.val_batch_size = self.options.val_batch_size or config.batch_size
         self.callbacks, self.on_checkpoint = list(callbacks), on_checkpoint
-        self.checkpoint_every_s = checkpoint_every_s
+        # What the step runs: the compiled model if asked (its weights are the model's own).
+        self.forward = torch.compile(model) if self.options.compile else model
+        self.device_type = torch.device(device).type
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.options.precision]
+        # fp16 gradients underflow without loss scaling; when disabled the scaler is a pass-through.
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.options.precision == "fp16")
         # Where training stands. All of it goes into a checkpoint.
         self.generator = torch.Generator()   # the shuffling order
         self.epoch = 0                       # epochs finished
         self.batch = 0                       # batches finished in the current epoch (after an interrupt)
         self.epoch_order_state = None        # generator state when the current epoch drew its order
         self.loss_sum, self.loss_count = None, 0
-        self.best = math.inf if mode == "min" else -math.inf
+        self.best = math.inf if config.mode == "min" else -math.inf
         self.best_epoch, self.best_state = 0, None
         self.status = "running"
         self.history: list[dict] = []
@@ -85,7 +93,10 @@ class Trainer:
                 index = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
                 yield tuple(t[index] for t in data)
         else:
-            loader = DataLoader(data, batch_size=batch_size, shuffle=generator is not None, generator=generator)
+            o = self.options
+            loader = DataLoader(data, batch_size=batch_size, shuffle=generator is not None, generator=generator,
+                                num_workers=o.num_workers, pin_memory=o.pin_memory,
+                                persistent_workers=o.persistent_workers)
             for batch in islice(loader, skip, None):
                 yield tuple(t.to(self.device, non_blocking=True) for t in batch)
 
@@ -100,32 +111,45 @@ class Trainer:
             self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
         else:  # resuming mid-epoch: draw the same order again, then skip what was done
             self.generator.set_state(self.epoch_order_state)
+        accumulate = self.options.grad_accum
         for x, y in self.batches(data, self.batch_size, self.generator, skip=self.batch):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.criterion(self.model(x), y)
-            loss.backward()
-            self.optimizer.step()
+            with torch.autocast(self.device_type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.criterion(self.forward(x), y)
+            self.scaler.scale(loss if accumulate == 1 else loss / accumulate).backward()
+            self.batch += 1
+            if self.batch % accumulate == 0:
+                self.optimizer_step()
             self.loss_sum += loss.detach() * len(y)  # weight by batch size: a per-sample mean
             self.loss_count += len(y)
-            self.batch += 1
-            if self.stop_requested:
-                return None
+            if self.stop_requested and self.batch % accumulate == 0:
+                return None  # stop only where no gradient is half-accumulated
+        if self.batch % accumulate:
+            self.optimizer_step()  # the epoch's last, shorter accumulation
         self.batch = 0
         return (self.loss_sum / self.loss_count).item()
+
+    def optimizer_step(self) -> None:
+        if self.options.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
     @torch.inference_mode()
     def evaluate(self, data: Any) -> float:
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
         for x, y in self.batches(data, self.val_batch_size):
-            total += self.criterion(self.model(x), y) * len(y)
+            with torch.autocast(self.device_type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.criterion(self.forward(x), y)
+            total += loss.float() * len(y)
             count += len(y)
         return (total / count).item()
 
     def improved(self, value: float) -> bool:
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+        min_delta = self.config.early_stopping.min_delta
+        return value < self.best - min_delta if self.mode == "min" else value > self.best + min_delta
 
     # ---- the loop
 
@@ -136,6 +160,7 @@ class Trainer:
         if resume_from is not None:
             self.load_state_dict(resume_from)
         started, last_saved = time.perf_counter(), time.monotonic()
+        patience = self.config.early_stopping.patience
         # A checkpoint of a seed that already stopped (early, or diverged) has nothing left to run.
         remaining = range(self.epoch + 1, self.epochs + 1) if self.status == "running" else range(0)
         bar = tqdm(remaining, initial=self.epoch, total=self.epochs, desc=desc, unit="epoch", dynamic_ncols=True)
@@ -154,14 +179,14 @@ class Trainer:
                 bar.set_postfix(train_loss=f"{train_loss:.4g}", val_loss=f"{val_loss:.4g}")
                 for callback in self.callbacks:  # metrics.csv, wandb, Optuna (may raise TrialPruned)
                     callback(epoch, metrics)
-                value = metrics[self.monitor]
+                value = metrics[self.config.monitor]
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                     self.status = "diverged"
                     break
                 if self.improved(value):
                     self.best, self.best_epoch = value, epoch
                     self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                elif self.patience is not None and epoch - self.best_epoch >= self.patience:
+                elif patience is not None and epoch - self.best_epoch >= patience:
                     self.status = "early_stopped"
                     break
                 if self.scheduler is not None:
@@ -169,7 +194,7 @@ class Trainer:
                         self.scheduler.step(value)
                     else:
                         self.scheduler.step()
-                if time.monotonic() - last_saved >= self.checkpoint_every_s:
+                if time.monotonic() - last_saved >= self.config.checkpoint_every_s:
                     self.save_checkpoint(started)
                     last_saved = time.monotonic()
         bar.close()
@@ -190,6 +215,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "batch": self.batch, "epoch_order_state": self.epoch_order_state,
             "loss_sum": self.loss_sum, "loss_count": self.loss_count, "generator": self.generator.get_state(),
             "best": self.best, "best_epoch": self.best_epoch, "best_state": self.best_state,
@@ -201,6 +227,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         for key in ("epoch", "batch", "epoch_order_state", "loss_sum", "loss_count", "best", "best_epoch",
                     "best_state", "status", "history", "elapsed"):
             setattr(self, key, state[key])

@@ -112,6 +112,7 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
     checkpoints. `first_seed_callbacks` lets a search report the first seed's curve.
     """
     device = config.resolve_device()
+    _set_determinism(config.trainer.deterministic, device)
     train_set, val_set = config.load_data()
     set_seed(config.seeds[0])
     _build(config, device)  # a throwaway build: a bad net_config fails before any file exists
@@ -162,11 +163,8 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
             csv_file.flush()  # a crash keeps every finished epoch
 
         log = [lambda epoch, metrics: logger.log(metrics, step=epoch)] if logger else []
-        trainer = Trainer(model, optimizer, scheduler, criterion, device=device, epochs=config.epochs,
-                          batch_size=config.batch_size, val_batch_size=config.val_batch_size,
-                          monitor=config.monitor, mode=config.mode, patience=config.early_stopping.patience,
-                          min_delta=config.early_stopping.min_delta, callbacks=[write_row, *log, *callbacks],
-                          on_checkpoint=save_checkpoint, checkpoint_every_s=config.checkpoint_every_s)
+        trainer = Trainer(model, optimizer, scheduler, criterion, config, device=device,
+                          callbacks=[write_row, *log, *callbacks], on_checkpoint=save_checkpoint)
         outcome = "failed"
         try:
             result = trainer.train(*data, seed, desc=f"{group} seed {seed}", resume_from=state)
@@ -185,6 +183,15 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
                              result.epochs_run, str(run_dir))
     _write_json(run_dir / "result.json", asdict(seed_result))
     return seed_result
+
+
+def _set_determinism(deterministic: bool, device: str) -> None:
+    """Deterministic kernels when asked (slower on CUDA); otherwise let cuDNN pick the fastest."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = not deterministic
 
 
 def _build(config: RunConfig, device: str) -> tuple:
