@@ -1,0 +1,122 @@
+"""The `trainer:` options on CPU, and the fast in-memory path against a plain loop."""
+import math
+
+import pytest
+import torch
+
+from config import RunConfig
+from model import MLP
+from util import Trainer, load_data, run, set_seed
+
+BASE = {"project": "t", "seeds": [0], "epochs": 3, "batch_size": 8, "net": "model.MLP",
+        "net_config": {"nodes": 8, "layers": 2}, "optimizer": "torch.optim.SGD",
+        "optimizer_config": {"lr": 0.05}, "data": "util.load_data", "data_config": {"n": 320}}
+
+
+def train(settings=None, seed=0):
+    """Train BASE (+ dotted settings) with the Trainer; returns (history, final state_dict)."""
+    config = RunConfig.from_dict(BASE).with_overrides(settings or {})
+    set_seed(seed)
+    model = config.build_model("cpu")
+    trainer = Trainer(model, config.build_optimizer(model), None, config.build_criterion(), config, device="cpu")
+    result = trainer.train(*config.load_data(), seed=seed)
+    return result.history, model.state_dict()
+
+
+def test_fast_path_matches_a_plain_pytorch_loop():
+    history, state = train({"early_stopping.patience": None})
+    # The plain loop everyone writes, with the same seed, order and weighting.
+    set_seed(0)
+    model = MLP({"nodes": 8, "layers": 2})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    (x, y), (vx, vy) = (d.tensors for d in load_data(n=320))
+    generator = torch.Generator().manual_seed(0)
+    for epoch in range(3):
+        order, total = torch.randperm(len(x), generator=generator), 0.0
+        for i in range(0, len(x), 8):
+            index = order[i:i + 8]
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x[index]), y[index])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+        with torch.no_grad():
+            val = torch.nn.functional.mse_loss(model(vx), vy).item()
+        assert history[epoch]["train_loss"] == pytest.approx(total / len(x), rel=1e-5)
+        assert history[epoch]["val_loss"] == pytest.approx(val, rel=1e-5)
+
+
+def test_gradient_accumulation_equals_a_bigger_batch():
+    big, big_state = train({"batch_size": 16})
+    accumulated, acc_state = train({"batch_size": 8, "trainer.grad_accum": 2})
+    for a, b in zip(big, accumulated):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    for key in big_state:
+        assert torch.allclose(big_state[key], acc_state[key], atol=1e-6)
+
+
+def test_gradient_clipping_bounds_each_step():
+    config = RunConfig.from_dict({**BASE, "epochs": 1, "batch_size": 320, "optimizer_config": {"lr": 1.0},
+                                  "trainer": {"grad_clip": 1e-3}})
+    set_seed(0)
+    model = config.build_model("cpu")
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    trainer = Trainer(model, config.build_optimizer(model), None, config.build_criterion(), config, device="cpu")
+    trainer.train_epoch(trainer.on_device(config.load_data()[0]))  # one batch: one step
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert 0 < (after - before).norm().item() <= 1e-3 * (1 + 1e-4)  # lr x clip
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(precision, workdir):
+    fp32, _ = train()
+    mixed, _ = train({"trainer.precision": precision})
+    assert all(math.isfinite(h["train_loss"]) for h in mixed)
+    assert mixed[-1]["val_loss"] == pytest.approx(fp32[-1]["val_loss"], rel=0.1)  # close, not equal
+    assert mixed[-1]["val_loss"] != fp32[-1]["val_loss"]  # autocast really ran
+    # The gradient scaler's state is part of the checkpoint, and resuming with it works.
+    config = {**BASE, "group": "amp", "checkpoint_every_s": 0, "wandb": {"mode": "disabled"},
+              "trainer": {"precision": precision}}
+    done = run(RunConfig.from_dict(config))
+    assert done.seeds[0].status == "completed"
+
+
+def test_compile_gives_the_same_numbers():
+    eager, _ = train({"epochs": 1})
+    compiled, _ = train({"epochs": 1, "trainer.compile": True})
+    assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-4)
+    assert compiled[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-4)
+
+
+def test_deterministic_flag_is_applied(workdir):
+    run(RunConfig.from_dict({**BASE, "group": "det", "epochs": 1, "wandb": {"mode": "disabled"},
+                             "trainer": {"deterministic": True}}))
+    assert torch.are_deterministic_algorithms_enabled()
+    run(RunConfig.from_dict({**BASE, "group": "nodet", "epochs": 1, "wandb": {"mode": "disabled"}}))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_dataloader_workers_give_the_same_numbers():
+    class Plain(torch.utils.data.Dataset):  # not a TensorDataset: the DataLoader path
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            return self.inner[i]
+
+    def with_loader(options):
+        config = RunConfig.from_dict({**BASE, "epochs": 2, "trainer": options})
+        set_seed(0)
+        model = config.build_model("cpu")
+        trainer = Trainer(model, config.build_optimizer(model), None, config.build_criterion(), config, device="cpu")
+        train_set, val_set = config.load_data()
+        return trainer.train(Plain(train_set), Plain(val_set), seed=0).history
+
+    inline = with_loader({})
+    workers = with_loader({"num_workers": 2, "persistent_workers": True, "pin_memory": False})
+    assert [h["train_loss"] for h in inline] == [h["train_loss"] for h in workers]
+    assert [h["val_loss"] for h in inline] == [h["val_loss"] for h in workers]
