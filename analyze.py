@@ -60,7 +60,7 @@ def load_model(group_dir: Path, seed: str, device: str):
 def validation_loss(config, model, val_set, device: str) -> float:
     from util import Trainer
     trainer = Trainer(model, None, None, config.build_criterion(), config, device=device)
-    return trainer.evaluate(trainer.on_device(val_set))
+    return trainer.evaluate(trainer.on_device(val_set))["val_loss"]
 
 
 def plot_prediction(model, val_set, device: str, path: Path, title: str) -> None:

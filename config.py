@@ -309,6 +309,7 @@ class RunConfig:
     device: str = "auto"
     group: str | None = None     # None: "<Net>_<hash of what the config trains>"
     checkpoint_every_s: float = 10.0   # full-state checkpoint at most this often (0: every epoch)
+    metrics: list[str] = field(default_factory=list)  # import paths of fn(pred, target) -> batch mean
     monitor: str = "val_loss"    # the metric for best weights, early stopping and search
     mode: str = "min"            # min or max
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
@@ -344,8 +345,9 @@ class RunConfig:
             raise err("group", f"must be a folder name (letters, digits, _ . -), got {self.group!r}")
         if self.mode not in _MODES:
             raise err("mode", f"must be 'min' or 'max', got {self.mode!r}")
-        if self.monitor not in ("val_loss", "train_loss"):
-            raise err("monitor", f"must be 'val_loss' or 'train_loss', got {self.monitor!r}")
+        if self.monitor not in self.columns():
+            raise err("monitor", f"must be one of {', '.join(self.columns()[1:-2])}, got {self.monitor!r}"
+                                 f"{_did_you_mean(self.monitor, self.columns())}")
         t = self.trainer
         if t.precision not in ("fp32", "bf16", "fp16"):
             raise err("trainer.precision", f"must be fp32, bf16 or fp16, got {t.precision!r}")
@@ -379,6 +381,20 @@ class RunConfig:
                     check_kwargs(self.resolved(key), getattr(self, f"{key}_config"), *leading)
                 except TypeError as e:
                     raise err(f"{key}_config", str(e)) from None
+
+    def metric_functions(self) -> dict[str, Any]:
+        """{"val_<name>": fn} for each path in `metrics`; fn(pred, target) -> batch mean."""
+        functions = {}
+        for i, path in enumerate(self.metrics):
+            try:
+                functions[f"val_{path.rsplit('.', 1)[-1]}"] = resolve(path)
+            except ImportError as e:
+                raise ConfigError(self.source, f"metrics[{i}]", str(e)) from None
+        return functions
+
+    def columns(self) -> list[str]:
+        """The columns of metrics.csv, in order."""
+        return ["epoch", "train_loss", "val_loss", *self.metric_functions(), "lr", "wall_time"]
 
     def resolved(self, key: str) -> Any:
         """The object that import-path key `key` (net, optimizer, ...) names."""

@@ -55,6 +55,7 @@ class Trainer:
         self.epochs, self.batch_size, self.mode = config.epochs, config.batch_size, config.mode
         self.val_batch_size = self.options.val_batch_size or config.batch_size
         self.callbacks, self.on_checkpoint = list(callbacks), on_checkpoint
+        self.metrics = config.metric_functions()  # {"val_accuracy": fn(pred, target)}, computed in evaluate
         # What the step runs: the compiled model if asked (its weights are the model's own).
         self.forward = torch.compile(model) if self.options.compile else model
         self.device_type = torch.device(device).type
@@ -137,15 +138,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.inference_mode()
-    def evaluate(self, data: Any) -> float:
+    def evaluate(self, data: Any) -> dict[str, float]:
+        """{"val_loss": ..., "val_<metric>": ...}: per-sample means over the validation data."""
         self.model.eval()
-        total, count = torch.zeros((), device=self.device), 0
+        totals, count = torch.zeros(1 + len(self.metrics), device=self.device), 0
         for x, y in self.batches(data, self.val_batch_size):
             with torch.autocast(self.device_type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = self.criterion(self.forward(x), y)
-            total += loss.float() * len(y)
+                pred = self.forward(x)
+                values = [self.criterion(pred, y)] + [metric(pred, y) for metric in self.metrics.values()]
+            totals += torch.stack([v.float() for v in values]) * len(y)
             count += len(y)
-        return (total / count).item()
+        means = (totals / count).tolist()  # one host sync per evaluation
+        return dict(zip(["val_loss", *self.metrics], means))
 
     def improved(self, value: float) -> bool:
         min_delta = self.config.early_stopping.min_delta
@@ -171,9 +175,10 @@ class Trainer:
                 if train_loss is None:  # SIGINT/SIGTERM: save exactly where we are, then stop
                     self.save_checkpoint(started)
                     raise KeyboardInterrupt(f"stopped by a signal in epoch {epoch}; checkpoint saved")
-                val_loss = self.evaluate(val_data)
+                validation = self.evaluate(val_data)
+                val_loss = validation["val_loss"]
                 self.epoch = epoch
-                metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                metrics = {"epoch": epoch, "train_loss": train_loss, **validation, "lr": lr,
                            "wall_time": self.elapsed + time.perf_counter() - started}
                 self.history.append(metrics)
                 bar.set_postfix(train_loss=f"{train_loss:.4g}", val_loss=f"{val_loss:.4g}")

@@ -30,7 +30,6 @@ from config import RUN_ONLY_KEYS, ConfigError, RunConfig
 from trainer import EpochCallback, Trainer, TrainResult  # noqa: F401  (util.Trainer: the loop)
 
 RUNS_DIR = Path("runs")
-METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "lr", "wall_time"]
 FINISHED = ("completed", "early_stopped", "diverged")
 
 
@@ -50,6 +49,26 @@ def load_data(n: int = 10_000, noise: float = 0.1, val_fraction: float = 0.2,
          + noise * torch.randn(n, 1, generator=generator))
     n_train = n - max(1, int(round(n * val_fraction)))
     return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+def load_spirals(n: int = 3000, classes: int = 3, noise: float = 0.2, val_fraction: float = 0.2,
+                 seed: int = 0) -> tuple[Dataset, Dataset]:
+    """A classification task that needs no download: `classes` interleaved 2-D spirals.
+    Targets are class indices (int64), as torch.nn.CrossEntropyLoss expects."""
+    if n < classes or classes < 2 or not 0 < val_fraction < 1:
+        raise ValueError(f"need n >= classes >= 2 and 0 < val_fraction < 1, got n={n}, classes={classes}")
+    generator = torch.Generator().manual_seed(seed)
+    label = torch.randint(classes, (n,), generator=generator)
+    radius = torch.rand(n, generator=generator)
+    angle = 6.0 * radius + 2 * math.pi * label / classes + noise * torch.randn(n, generator=generator)
+    x = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+    n_train = n - max(1, int(round(n * val_fraction)))
+    return TensorDataset(x[:n_train], label[:n_train]), TensorDataset(x[n_train:], label[n_train:])
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Share of samples whose highest-scoring class is the target (class-index targets)."""
+    return (pred.argmax(dim=-1) == target).float().mean()
 
 
 def set_seed(seed: int) -> None:
@@ -144,8 +163,9 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
     set_seed(seed)
     model, optimizer, scheduler, criterion = _build(config, device)
     history = state["history"] if state else []
+    columns = config.columns()
     with open(run_dir / "metrics.csv", "w", newline="") as f:  # rows after the checkpoint are redone
-        csv.writer(f).writerows([METRICS_COLUMNS] + [[m[k] for k in METRICS_COLUMNS] for m in history])
+        csv.writer(f).writerows([columns] + [[m[k] for k in columns] for m in history])
     saved_best = [state["best_epoch"] if state else None]
 
     def save_checkpoint(full_state: dict) -> None:
@@ -159,7 +179,7 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
         writer = csv.writer(csv_file)
 
         def write_row(epoch: int, metrics: dict) -> None:
-            writer.writerow([metrics[k] for k in METRICS_COLUMNS])
+            writer.writerow([metrics[k] for k in columns])
             csv_file.flush()  # a crash keeps every finished epoch
 
         log = [lambda epoch, metrics: logger.log(metrics, step=epoch)] if logger else []

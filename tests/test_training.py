@@ -32,7 +32,7 @@ def test_losses_are_per_sample_means_not_per_batch():
     full = torch.nn.functional.mse_loss(model(x), y).item()
     per_batch = sum(torch.nn.functional.mse_loss(model(x[i:i + 4]), y[i:i + 4]).item() for i in (0, 4, 8)) / 3
     assert abs(per_batch - full) > 1e-3  # the trap the original design fell into
-    assert trainer.evaluate(trainer.on_device(TensorDataset(x, y))) == pytest.approx(full, rel=1e-6)
+    assert trainer.evaluate(trainer.on_device(TensorDataset(x, y)))["val_loss"] == pytest.approx(full, rel=1e-6)
 
 
 def test_early_stopping_keeps_and_reports_the_best_epoch():
@@ -50,7 +50,7 @@ def test_early_stopping_keeps_and_reports_the_best_epoch():
     assert result.best_epoch < result.epochs_run
     assert result.best_value == min(val_losses) != val_losses[-1]
     # The model handed back holds the best epoch's weights, not the last ones.
-    assert trainer.evaluate(trainer.on_device(val_set)) == pytest.approx(result.best_value, rel=1e-6)
+    assert trainer.evaluate(trainer.on_device(val_set))["val_loss"] == pytest.approx(result.best_value, rel=1e-6)
 
 
 def test_max_mode_and_min_delta():
@@ -88,8 +88,8 @@ def test_general_datasets_use_a_dataloader_with_the_same_numbers():
 
     set_seed(1)
     trainer = make_trainer(MLP({"nodes": 4, "layers": 1}), batch_size=7)
-    fast = trainer.evaluate(trainer.on_device(val_set))
-    assert trainer.evaluate(trainer.on_device(Plain(val_set))) == pytest.approx(fast, rel=1e-6)
+    fast = trainer.evaluate(trainer.on_device(val_set))["val_loss"]
+    assert trainer.evaluate(trainer.on_device(Plain(val_set)))["val_loss"] == pytest.approx(fast, rel=1e-6)
     result = trainer.train(Plain(train_set), Plain(val_set), seed=1)
     assert result.epochs_run == 5 and math.isfinite(result.best_value)
 
