@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 from pathlib import Path
@@ -89,23 +90,39 @@ def plot_prediction(model, val_set, device: str, path: Path, title: str) -> None
     plt.close(fig)
 
 
+def read_metrics(group_dir: Path) -> dict[str, list[dict]]:
+    """{seed: rows of metrics.csv} for every seed folder that has one."""
+    found = {}
+    for seed in folders(group_dir):
+        if (group_dir / seed / "metrics.csv").exists():
+            with open(group_dir / seed / "metrics.csv") as f:
+                found[seed] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return found
+
+
 def plot_losses(group_dir: Path, path: Path) -> None:
+    """Every seed's validation loss (thin), and the mean ± std over seeds (line and band)."""
     import matplotlib.pyplot as plt
+    import numpy as np
+    runs = read_metrics(group_dir)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, seed in enumerate(folders(group_dir)):
-        metrics = group_dir / seed / "metrics.csv"
-        if not metrics.exists():
-            continue
-        with open(metrics) as f:
-            rows = list(csv.DictReader(f))
-        epochs = [int(r["epoch"]) for r in rows]
-        ax.plot(epochs, [float(r["train_loss"]) for r in rows], ls="--", color=f"C{i}", alpha=0.7)
-        ax.plot(epochs, [float(r["val_loss"]) for r in rows], color=f"C{i}", label=f"seed {seed}")
+    for i, (seed, rows) in enumerate(runs.items()):
+        ax.plot([r["epoch"] for r in rows], [r["val_loss"] for r in rows], color=f"C{i}", lw=0.8,
+                alpha=0.6, label=f"seed {seed}")
+    for column, style in (("val_loss", "-"), ("train_loss", "--")):
+        last = max((len(rows) for rows in runs.values()), default=0)
+        # Seeds that stopped early leave the band where they stopped.
+        per_epoch = [[rows[e][column] for rows in runs.values() if e < len(rows)] for e in range(last)]
+        mean = np.array([np.mean(v) for v in per_epoch])
+        std = np.array([np.std(v) for v in per_epoch])
+        epochs = np.arange(1, last + 1)
+        ax.plot(epochs, mean, ls=style, color="black", lw=2, label=f"{column} mean ± std")
+        ax.fill_between(epochs, mean - std, mean + std, color="black", alpha=0.12)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss (dashed: train, solid: validation)")
+    ax.set_ylabel("loss")
     ax.set_title(group_dir.name)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -141,6 +158,88 @@ def find_study(name: str, project: str | None):
     raise SystemExit(f"error: no study '{name}' in {', '.join(str(RUNS_DIR / p / 'optuna.db') for p in projects)}")
 
 
+def edge_warnings(trial, margin: float = 0.05) -> list[str]:
+    """A warning for each parameter whose best value sits at the edge of its range:
+    the optimum may lie outside what was searched."""
+    import math
+    from optuna.distributions import CategoricalDistribution
+    warnings = []
+    for name, value in trial.params.items():
+        dist = trial.distributions[name]
+        if isinstance(dist, CategoricalDistribution):
+            numbers = [c for c in dist.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+            if len(numbers) == len(dist.choices) >= 3 and value in (min(numbers), max(numbers)):
+                side = "lowest" if value == min(numbers) else "highest"
+                warnings.append(f"{name} = {value} is the {side} of its choices {list(dist.choices)}")
+            continue
+        low, high, v = dist.low, dist.high, value
+        if getattr(dist, "log", False):
+            low, high, v = math.log(low), math.log(high), math.log(value)
+        position = (v - low) / (high - low) if high > low else 0.5
+        if position <= margin or position >= 1 - margin:
+            side = "lower" if position <= margin else "upper"
+            warnings.append(f"{name} = {value:.4g} is at the {side} edge of [{dist.low:.4g}, {dist.high:.4g}]")
+    return warnings
+
+
+def study_report(study, out_dir: Path) -> dict:
+    """Best trial, parameter importances (Optuna's evaluator), edge warnings and PNGs."""
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    import optuna.visualization.matplotlib as vis
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    best = study.best_trial
+    report = {"study": study.study_name, "direction": study.direction.name.lower(),
+              "trials": {s.name.lower(): sum(t.state == s for t in trials)
+                         for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
+              "best": {"number": best.number, "value": best.value, "params": best.params,
+                       "run_dir": best.user_attrs.get("run_dir")},
+              "importances": None, "warnings": edge_warnings(best), "plots": []}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # optuna's matplotlib plots are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        plots = [("history.png", vis.plot_optimization_history)]
+        if report["trials"]["complete"] >= 2 and best.params:
+            try:
+                report["importances"] = optuna.importance.get_param_importances(study)
+                plots.append(("importances.png", vis.plot_param_importances))
+            except (RuntimeError, ValueError) as e:  # e.g. every trial sampled the same values
+                report["importances_error"] = str(e)
+        for name, plot in plots:
+            ax = plot(study)
+            ax.figure.set_size_inches(8, 5)
+            ax.figure.tight_layout()
+            ax.figure.savefig(out_dir / name, dpi=110)
+            plt.close(ax.figure)
+            report["plots"].append(str(out_dir / name))
+    if report["best"]["run_dir"] and Path(report["best"]["run_dir"]).is_dir():
+        plot_losses(Path(report["best"]["run_dir"]), out_dir / "best_losses.png")
+        report["plots"].append(str(out_dir / "best_losses.png"))
+    return report
+
+
+def print_report(report: dict) -> None:
+    best = report["best"]
+    counts = ", ".join(f"{n} {state}" for state, n in report["trials"].items())
+    print(f"study {report['study']} ({report['direction']}): {counts}")
+    print(f"best trial {best['number']}: value {best['value']:.6g}, run folder {best['run_dir']}")
+    for key, value in best["params"].items():
+        print(f"  {key} = {value}")
+    if report["importances"]:
+        print("parameter importances:")
+        for key, value in report["importances"].items():
+            print(f"  {key:<32} {value:.3f}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}; consider widening the range")
+    print(f"plots: {', '.join(report['plots'])}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project")
@@ -148,16 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed")
     parser.add_argument("--study", help="report a study's best trial and analyze its run")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="with --study: print the report as JSON")
     args = parser.parse_args(argv)
     sys.path.insert(1, os.getcwd())
 
     if args.study:
         study = find_study(args.study, args.project)
-        best = study.best_trial
-        print(f"study {study.study_name}: best trial {best.number}, value {best.value:.6g}")
-        for key, value in best.params.items():
-            print(f"  {key} = {value}")
-        group_dir = Path(best.user_attrs["run_dir"])
+        project_dir = Path(study.best_trial.user_attrs["run_dir"]).parent  # beside the trials' folders
+        report = study_report(study, project_dir / f"{study.study_name}_report")
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return 0
+        print_report(report)
+        group_dir = Path(report["best"]["run_dir"])
         analyze_group(group_dir, [args.seed] if args.seed else seeds_in(group_dir), args.device)
         return 0
 

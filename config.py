@@ -247,6 +247,18 @@ def set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
             node = node[part]
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """"optimizer_config.lr=3e-4" -> ("optimizer_config.lr", 0.0003): the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", text, "expected key=value, e.g. --set optimizer_config.lr=3e-4")
+    try:
+        return key.strip(), yaml.load(value, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError("--set", key.strip(), f"cannot read {value!r} as a YAML value: "
+                                                f"{getattr(e, 'problem', None) or e}") from None
+
+
 def _short_hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -413,8 +425,9 @@ class RunConfig:
     def to_dict(self) -> dict:
         return _to_plain(self)
 
-    def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def to_yaml(self, path: str | Path, comment: str = "") -> None:
+        header = "".join(f"# {line}\n" for line in comment.splitlines())
+        Path(path).write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def group_name(self) -> str:
         """The run folder's name: unique to what the config trains. Keys that only say how
@@ -438,6 +451,10 @@ class RunConfig:
         mine = flat({k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_KEYS})
         theirs = flat({k: v for k, v in other.to_dict().items() if k not in RUN_ONLY_KEYS})
         return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k, _MISSING) != theirs.get(k, _MISSING))
+
+    def config_hash(self) -> str:
+        """A hash of every key: two runs with the same hash ran the same config."""
+        return _short_hash(self.to_dict())
 
     @property
     def direction(self) -> str:

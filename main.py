@@ -1,6 +1,8 @@
 """Command line: train a config for every seed, or search over it with Optuna.
 
     python main.py --run_config configs/run_template.yaml
+    python main.py --run_config configs/run_template.yaml --set optimizer_config.lr=3e-4 --set seeds=[1,2]
+    python main.py --run_config configs/run_template.yaml --preflight
     python main.py --run_config configs/run_template.yaml --optimize_config configs/optimize_template.yaml
 
 Bad input (a file, a key, a value) ends with one line on stderr and exit status 2;
@@ -10,6 +12,23 @@ import argparse
 import os
 import sys
 
+__version__ = "0.3.0"
+
+
+class _Version(argparse.Action):
+    """--version: read the package versions only when asked (no imports)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+        parts = [f"pytorch_template {__version__}"]
+        for package in ("torch", "optuna", "wandb"):
+            try:
+                parts.append(f"{package} {version(package)}")
+            except PackageNotFoundError:
+                parts.append(f"{package} (not installed)")
+        print(", ".join(parts))
+        parser.exit()
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -17,9 +36,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the experiment: model, optimizer, data, seeds, epochs")
     parser.add_argument("--optimize_config", metavar="YAML",
                         help="run an Optuna study over keys of the run config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, dotted for nested ones (repeatable): --set optimizer_config.lr=3e-4")
     parser.add_argument("--device", help="override `device:` (auto, cpu, cuda, cuda:N, mps)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the unfinished seeds of this config's group from their checkpoints")
+    parser.add_argument("--preflight", action="store_true",
+                        help="build everything, run one batch, check it, print a table; write nothing")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the versions of the template, torch, optuna and wandb")
     return parser.parse_args(argv)
 
 
@@ -27,12 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Import paths in the YAML (net: mymodels.Net) resolve from the current folder too.
     sys.path.insert(1, os.getcwd())
-    from config import ConfigError, OptimizeConfig, RunConfig  # after --help: keeps it instant
+    from config import ConfigError, OptimizeConfig, RunConfig, parse_override  # after --help: keeps it instant
 
     try:
         run_config = RunConfig.from_yaml(args.run_config)
+        overrides = dict(parse_override(text) for text in args.set)
+        flags = [f"--set {text}" for text in args.set]
         if args.device:
-            run_config = run_config.with_overrides({"device": args.device}, source="--device")
+            overrides["device"] = args.device
+            flags.append(f"--device {args.device}")
+        if overrides:
+            run_config = run_config.with_overrides(overrides, source=f"{args.run_config} (with {' '.join(flags)})")
+        if args.preflight:
+            from preflight import preflight
+            return preflight(run_config)
         if args.optimize_config:
             opt_config = OptimizeConfig.from_yaml(args.optimize_config)
             opt_config.check_against(run_config)
@@ -42,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return 0 if best_path else 1
         from util import run
-        result = run(run_config, resume=args.resume)
+        result = run(run_config, resume=args.resume, overrides=flags)
         print(result.summary())
         return 0 if result.values else 1
     except ConfigError as e:

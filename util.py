@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import checkpoint
+import provenance
 from config import RUN_ONLY_KEYS, ConfigError, RunConfig
 from trainer import EpochCallback, Trainer, TrainResult  # noqa: F401  (util.Trainer: the loop)
 
@@ -122,7 +123,8 @@ class RunResult:
 
 
 def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = (),
-        first_seed_callbacks: list[EpochCallback] = (), resume: bool = False) -> RunResult:
+        first_seed_callbacks: list[EpochCallback] = (), resume: bool = False,
+        overrides: list[str] = ()) -> RunResult:
     """Train one model per seed; write runs/<project>/<group>/<seed>/.
 
     Everything that can fail on bad input (device, data, model, optimizer, results or
@@ -140,15 +142,24 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
     _check_group(config, group_dir, resume)
     try:
         group_dir.mkdir(parents=True, exist_ok=True)
-        config.with_overrides({"group": group}).to_yaml(group_dir / ".config.yaml.tmp")
+        comment = f"merged from {config.source}" + (f"\noverrides: {' '.join(overrides)}" if overrides else "")
+        config.with_overrides({"group": group}).to_yaml(group_dir / ".config.yaml.tmp", comment=comment)
         os.replace(group_dir / ".config.yaml.tmp", group_dir / "config.yaml")
+        record = provenance.start(group_dir, config.config_hash(), device, list(overrides))
     except OSError as e:
         raise ConfigError(str(group_dir), "", f"cannot write the run folder: {e.strerror or e}") from None
-    results = []
-    for index, seed in enumerate(config.seeds):
-        callbacks = list(first_seed_callbacks) if index == 0 else []
-        results.append(_run_seed(config, group, group_dir / str(seed), seed, device,
-                                 (train_set, val_set), callbacks, tags))
+    results, status = [], "failed"
+    try:
+        for index, seed in enumerate(config.seeds):
+            callbacks = list(first_seed_callbacks) if index == 0 else []
+            results.append(_run_seed(config, group, group_dir / str(seed), seed, device,
+                                     (train_set, val_set), callbacks, tags))
+        status = "finished"
+    except BaseException as e:  # interrupted, pruned or crashed: the record says which
+        status = type(e).__name__
+        raise
+    finally:
+        provenance.finish(group_dir, record, status)
     return RunResult(group_dir, config.monitor, results)
 
 
@@ -294,7 +305,7 @@ def _start_wandb(config: RunConfig, group: str, seed: int, tags: tuple[str, ...]
         project=config.project, entity=config.wandb.entity, group=group, name=f"{group}/{seed}",
         id=id_file.read_text().strip(), resume="allow",
         tags=[config.net.rsplit(".", 1)[-1], *config.wandb.tags, *tags],
-        config={**config.to_dict(), "seed": seed}, mode=mode,
+        config={**config.to_dict(), "seed": seed, "config_hash": config.config_hash()}, mode=mode,
         dir=os.environ.get("WANDB_DIR") or str(run_dir.parent),  # offline files sit beside the run
         settings=wandb.Settings(silent=True, console="off"),
     )

@@ -11,6 +11,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from config import load_yaml  # noqa: E402  (after the template folder is importable)
+
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
@@ -27,7 +29,7 @@ def workdir(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny():
     """The shipped template, shrunk: one seed, a few epochs, small data and model, no wandb."""
-    config = yaml.safe_load((ROOT / "configs" / "run_template.yaml").read_text())
+    config = load_yaml(ROOT / "configs" / "run_template.yaml")  # our loader: 1e-3 is a float
     config.update(project="test", device="cpu", seeds=[7], epochs=4, batch_size=64,
                   net_config={"nodes": 8, "layers": 2},
                   scheduler_config={"T_max": 4, "eta_min": 1e-5},

@@ -71,10 +71,11 @@ def test_a_new_model_class_from_a_users_module(workdir, tiny):
 def test_device_flag_overrides_the_file(workdir, tiny):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    path = write_yaml(workdir / "c.yaml", tiny)
-    result = run_main("--run_config", str(path), "--device", "cuda", cwd=workdir)
+    write_yaml(workdir / "c.yaml", tiny)
+    result = run_main("--run_config", "c.yaml", "--device", "cuda", cwd=workdir)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: --device: device: 'cuda' requested but CUDA is not available"
+    assert result.stderr.strip() == ("error: c.yaml (with --device cuda): device: 'cuda' requested but "
+                                     "CUDA is not available")
     assert not (workdir / "runs").exists()
 
 

@@ -1,0 +1,93 @@
+"""How to reproduce a group: what ran, from which code, on what, and when.
+
+run() writes runs/<project>/<group>/provenance.json with one entry per invocation
+(a resume adds one): the command line and its overrides, the config hash, the git
+commit and whether the tree was dirty, Python, torch, CUDA and package versions,
+the device name, and the start and end time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+TEMPLATE_DIR = Path(__file__).resolve().parent
+PACKAGES = ("torch", "numpy", "optuna", "wandb", "pyyaml", "tqdm", "matplotlib")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=TEMPLATE_DIR, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    if device == "mps":
+        return "Apple MPS"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def start(group_dir: Path, config_hash: str, device: str, overrides: list[str]) -> dict:
+    """Append this invocation to provenance.json and return its entry (see finish)."""
+    status = _git("status", "--porcelain")
+    entry = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "overrides": list(overrides),
+        "config_hash": config_hash,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "packages": {p: _version(p) for p in PACKAGES},
+        "device": device,
+        "device_name": _device_name(device),
+        "host": platform.node(),
+        "cwd": os.getcwd(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ended": None,
+    }
+    _append(group_dir / "provenance.json", config_hash, entry)
+    return entry
+
+
+def finish(group_dir: Path, entry: dict, status: str) -> None:
+    entry["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    entry["status"] = status
+    _append(group_dir / "provenance.json", entry["config_hash"], entry, replace_last=True)
+
+
+def _append(path: Path, config_hash: str, entry: dict, replace_last: bool = False) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+    data["config_hash"] = config_hash
+    if replace_last and data["invocations"]:
+        data["invocations"][-1] = entry
+    else:
+        data["invocations"].append(entry)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
