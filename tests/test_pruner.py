@@ -113,3 +113,18 @@ def test_the_last_epoch_is_never_pruned():
     study = optuna.create_study(pruner=PFLPruner(n_startup_trials=1, n_warmup_epochs=3, top_k=1))
     finish_trials(study, [0.1], epochs=10)
     assert not running(study, final=0.9, upto=10, epochs=10)
+
+
+def test_prediction_from_finished_curves():
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from pruner import predict_from_finished
+    finished = [optuna.trial.create_trial(value=final, params={"x": 0.5},
+                                          distributions={"x": FloatDistribution(0, 1)},
+                                          intermediate_values={s: curve(final, s) for s in range(1, 31)})
+                for final in (0.1, 0.3)]
+    # At epoch 10 the first trial stood at curve(0.1, 10) and ended at 0.1: the biggest drop.
+    factor = 0.1 / curve(0.1, 10)
+    assert predict_from_finished(10, 2.0, finished) == pytest.approx(2.0 * factor)
+    assert predict_from_finished(10, -1.0, finished) is None  # needs positive values
