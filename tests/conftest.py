@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,19 @@ def tiny():
                   wandb={"mode": "disabled", "tags": []})
     config["optimizer_config"] = {"lr": 1e-2}
     return config
+
+
+class PlainDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so that it is not a TensorDataset: the DataLoader path."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return self.inner[i]
 
 
 def write_yaml(path: Path, data: dict) -> Path:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from config import RunConfig
+from conftest import PlainDataset
 from model import MLP
 from util import Trainer, load_data, run, set_seed
 
@@ -98,23 +99,13 @@ def test_deterministic_flag_is_applied(workdir):
 
 
 def test_dataloader_workers_give_the_same_numbers():
-    class Plain(torch.utils.data.Dataset):  # not a TensorDataset: the DataLoader path
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __len__(self):
-            return len(self.inner)
-
-        def __getitem__(self, i):
-            return self.inner[i]
-
     def with_loader(options):
         config = RunConfig.from_dict({**BASE, "epochs": 2, "trainer": options})
         set_seed(0)
         model = config.build_model("cpu")
         trainer = Trainer(model, config.build_optimizer(model), None, config.build_criterion(), config, device="cpu")
         train_set, val_set = config.load_data()
-        return trainer.train(Plain(train_set), Plain(val_set), seed=0).history
+        return trainer.train(PlainDataset(train_set), PlainDataset(val_set), seed=0).history
 
     inline = with_loader({})
     workers = with_loader({"num_workers": 2, "persistent_workers": True, "pin_memory": False})

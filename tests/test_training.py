@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from config import RunConfig
+from conftest import PlainDataset
 from model import MLP
 from util import Trainer, load_data, run, set_seed
 
@@ -76,21 +77,11 @@ def test_general_datasets_use_a_dataloader_with_the_same_numbers():
     """A Dataset that is not a TensorDataset takes the DataLoader path; evaluation agrees."""
     train_set, val_set = load_data(n=100)
 
-    class Plain(torch.utils.data.Dataset):
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __len__(self):
-            return len(self.inner)
-
-        def __getitem__(self, i):
-            return self.inner[i]
-
     set_seed(1)
     trainer = make_trainer(MLP({"nodes": 4, "layers": 1}), batch_size=7)
     fast = trainer.evaluate(trainer.on_device(val_set))["val_loss"]
-    assert trainer.evaluate(trainer.on_device(Plain(val_set)))["val_loss"] == pytest.approx(fast, rel=1e-6)
-    result = trainer.train(Plain(train_set), Plain(val_set), seed=1)
+    assert trainer.evaluate(trainer.on_device(PlainDataset(val_set)))["val_loss"] == pytest.approx(fast, rel=1e-6)
+    result = trainer.train(PlainDataset(train_set), PlainDataset(val_set), seed=1)
     assert result.epochs_run == 5 and math.isfinite(result.best_value)
 
 
