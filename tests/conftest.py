@@ -60,6 +60,12 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 def run_main(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     """`python main.py ARGS` in `cwd`, stdin closed, as a user (or CI) would run it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=child_env(),
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment for a child main.py: no credentials, and not the wandb service of
+    this test process (wandb exports WANDB_SERVICE; a child would share its run registry)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_API", "WANDB_SERVICE"))}
+    return {**env, **(extra or {})}

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 import checkpoint
 from config import ConfigError, load_yaml
-from conftest import ROOT, run_main, write_yaml
+from conftest import ROOT, child_env, run_main, write_yaml
 
 
 def slow_config():
@@ -36,7 +36,7 @@ def slow():
 
 def start(workdir, *args, env_extra=None):
     """main.py in the background; its output goes to files (a full pipe would stall it)."""
-    env = {**os.environ, **(env_extra or {})}
+    env = child_env(env_extra)
     with open(workdir / "stdout.txt", "w") as out, open(workdir / "stderr.txt", "w") as err:
         return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, args)],
                                 cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
