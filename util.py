@@ -133,7 +133,6 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
     checkpoints. `first_seed_callbacks` lets a search report the first seed's curve.
     """
     device = config.resolve_device()
-    _set_determinism(config.trainer.deterministic, device)
     train_set, val_set = config.load_data()
     set_seed(config.seeds[0])
     _build(config, device)  # a throwaway build: a bad net_config fails before any file exists
@@ -148,8 +147,9 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         record = provenance.start(group_dir, config.config_hash(), device, list(overrides))
     except OSError as e:
         raise ConfigError(str(group_dir), "", f"cannot write the run folder: {e.strerror or e}") from None
-    results, status = [], "failed"
+    results, status, threads = [], "failed", torch.get_num_threads()
     try:
+        _set_determinism(config.trainer.deterministic, device)
         for index, seed in enumerate(config.seeds):
             callbacks = list(first_seed_callbacks) if index == 0 else []
             results.append(_run_seed(config, group, group_dir / str(seed), seed, device,
@@ -159,6 +159,7 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         status = type(e).__name__
         raise
     finally:
+        torch.set_num_threads(threads)  # deterministic CPU runs use one thread; give the rest back
         provenance.finish(group_dir, record, status)
     return RunResult(group_dir, config.monitor, results)
 
@@ -217,9 +218,15 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
 
 
 def _set_determinism(deterministic: bool, device: str) -> None:
-    """Deterministic kernels when asked (slower on CUDA); otherwise let cuDNN pick the fastest."""
+    """Deterministic kernels when asked (slower on CUDA); otherwise let cuDNN pick the fastest.
+
+    On CPU, deterministic also means one intra-op thread: with two threads the same run
+    varied in its last bits between processes (about one run in four on our machine),
+    which would break bit-for-bit resume and reruns."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        if device == "cpu":
+            torch.set_num_threads(1)
     torch.use_deterministic_algorithms(deterministic)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = not deterministic

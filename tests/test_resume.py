@@ -22,7 +22,9 @@ from conftest import ROOT, child_env, run_main, write_yaml
 def slow_config():
     """Epochs of ~0.1 s and a checkpoint after each, so a signal lands part-way."""
     config = load_yaml(ROOT / "configs" / "run_template.yaml")
+    # deterministic: bit-for-bit across processes needs one CPU thread (see util._set_determinism)
     config.update(project="test", device="cpu", seeds=[3, 4], epochs=6, batch_size=16, checkpoint_every_s=0,
+                  trainer={"deterministic": True},
                   data_config={"n": 3000, "noise": 0.1, "val_fraction": 0.2, "seed": 0},
                   scheduler_config={"T_max": 6, "eta_min": 1e-5}, net_config={"nodes": 16, "layers": 2},
                   wandb={"mode": "disabled", "tags": []})
@@ -145,7 +147,8 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(workdir, slow, reference):
 
 
 def test_training_longer_and_skipping_finished_seeds(workdir, tiny):
-    tiny.update(seeds=[1], epochs=5, scheduler_config={"T_max": 5, "eta_min": 1e-5}, checkpoint_every_s=0)
+    tiny.update(seeds=[1], epochs=5, scheduler_config={"T_max": 5, "eta_min": 1e-5}, checkpoint_every_s=0,
+                trainer={"deterministic": True})
     straight = run_main("--run_config", str(write_yaml(workdir / "a.yaml", {**tiny, "group": "straight"})),
                         cwd=workdir)
     assert straight.returncode == 0

@@ -91,9 +91,16 @@ def test_compile_gives_the_same_numbers():
 
 
 def test_deterministic_flag_is_applied(workdir):
+    threads = torch.get_num_threads()
+    seen = []
+    run(RunConfig.from_dict({**BASE, "group": "det1", "epochs": 1, "wandb": {"mode": "disabled"},
+                             "trainer": {"deterministic": True}}),
+        first_seed_callbacks=[lambda epoch, metrics: seen.append(torch.get_num_threads())])
+    assert seen == [1]  # one CPU thread while training: bit-identical across processes
     run(RunConfig.from_dict({**BASE, "group": "det", "epochs": 1, "wandb": {"mode": "disabled"},
                              "trainer": {"deterministic": True}}))
     assert torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads  # the one-thread CPU setting ends with the run
     run(RunConfig.from_dict({**BASE, "group": "nodet", "epochs": 1, "wandb": {"mode": "disabled"}}))
     assert not torch.are_deterministic_algorithms_enabled()
 
