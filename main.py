@@ -9,6 +9,7 @@ Bad input (a file, a key, a value) ends with one line on stderr and exit status 
 nothing is written before every check has passed.
 """
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -36,6 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the experiment: model, optimizer, data, seeds, epochs")
     parser.add_argument("--optimize_config", metavar="YAML",
                         help="run an Optuna study over keys of the run config")
+    parser.add_argument("--storage", metavar="URL",
+                        help="the study's Optuna storage (e.g. postgresql+psycopg://host/db); default runs/<project>/optuna.db")
+    parser.add_argument("--workers", type=int, default=1, metavar="K",
+                        help="run the search in K processes on this machine, sharing one study")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key, dotted for nested ones (repeatable): --set optimizer_config.lr=3e-4")
     parser.add_argument("--device", help="override `device:` (auto, cpu, cuda, cuda:N, mps)")
@@ -46,6 +51,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--version", action=_Version, nargs=0,
                         help="print the versions of the template, torch, optuna and wandb")
     return parser.parse_args(argv)
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    """The command line minus --workers K (a worker runs the same command as one process)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,10 +86,19 @@ def main(argv: list[str] | None = None) -> int:
             return preflight(run_config)
         if args.optimize_config:
             opt_config = OptimizeConfig.from_yaml(args.optimize_config)
+            if args.storage:
+                opt_config = dataclasses.replace(opt_config, storage=args.storage)
+            if args.workers < 1:
+                raise ConfigError("--workers", "", f"must be at least 1, got {args.workers}")
             opt_config.check_against(run_config)
             run_config.resolve_device()
-            from search import report_best, run_study
-            text, best_path = report_best(run_study(run_config, opt_config), run_config)
+            from search import report_best, run_study, run_workers
+            if args.workers > 1:
+                command = argv if argv is not None else sys.argv[1:]
+                study = run_workers(_without_workers(command), args.workers, run_config, opt_config)
+            else:
+                study = run_study(run_config, opt_config)
+            text, best_path = report_best(study, run_config)
             print(text)
             return 0 if best_path else 1
         from util import run

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from config import OptimizeConfig, RunConfig
 from util import RUNS_DIR, run
@@ -79,19 +79,79 @@ def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name
     return guarded
 
 
+def open_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study:
+    """Create the study, or load it when it exists (a rerun, or another worker)."""
+    pruner = opt_config.build_pruner()
+    return optuna.create_study(
+        storage=open_storage(run_config, opt_config), study_name=opt_config.name_for(run_config),
+        sampler=opt_config.build_sampler(), pruner=pruner or optuna.pruners.NopPruner(),
+        direction=run_config.direction, load_if_exists=True)
+
+
 def run_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study:
-    """Create or continue the study and run it until it has `trials` finished trials."""
-    sampler, pruner = opt_config.build_sampler(), opt_config.build_pruner()
-    study_name = opt_config.name_for(run_config)
-    study = optuna.create_study(
-        storage=open_storage(run_config, opt_config), study_name=study_name, sampler=sampler,
-        pruner=pruner or optuna.pruners.NopPruner(), direction=run_config.direction, load_if_exists=True)
+    """Create or continue the study and run it until it has `trials` finished trials.
+    Several processes may run this on one study at once (see run_workers)."""
+    study = open_study(run_config, opt_config)
     remaining = opt_config.trials - len(study.get_trials(deepcopy=False, states=FINISHED))
     if remaining > 0:
-        study.optimize(
-            make_objective(run_config, opt_config, study_name), n_trials=remaining, catch=(Exception,),
-            # Counts what every process finished, so workers sharing the study stop together.
-            callbacks=[optuna.study.MaxTrialsCallback(opt_config.trials, states=FINISHED)])
+        objective = make_objective(run_config, opt_config, study.study_name)
+
+        def claimed(trial: optuna.Trial) -> float:
+            # Workers check before asking for a trial (below), but two can ask at once:
+            # the trials beyond the first `trials` live ones step back, so none is extra.
+            live = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+            if sum(t.number < trial.number for t in live) >= opt_config.trials:
+                trial.set_user_attr("reason", "surplus: other workers already hold the study's trials")
+                study.stop()
+                raise RuntimeError("surplus trial")  # recorded as failed; it does not count
+            return objective(trial)
+
+        def stop_when_full(study: optuna.Study, trial: FrozenTrial) -> None:
+            # Finished or running anywhere: what every worker sees, so they stop together.
+            if len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= opt_config.trials:
+                study.stop()
+
+        study.optimize(claimed, n_trials=remaining, catch=(Exception,), callbacks=[stop_when_full])
+    return study
+
+
+def run_workers(argv: list[str], workers: int, run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study:
+    """Start `workers` processes of this same command, each a worker of one study, and wait.
+
+    CPU threads are divided between them, each gets one GPU (round robin) where there
+    are GPUs, and each writes its output to runs/<project>/<study>_worker<i>.log.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    study = open_study(run_config, opt_config)  # created once, before the workers race to
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    gpus = torch.cuda.device_count()
+    logs, procs = [], []
+    for i in range(workers):
+        # Not this process's wandb service (wandb exports WANDB_SERVICE): each worker runs its own.
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        log = RUNS_DIR / run_config.project / f"{study.study_name}_worker{i}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        logs.append(log)
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).with_name("main.py")), *argv,
+                                           "--workers", "1"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL))
+    print(f"{workers} workers on study {study.study_name}; logs: {', '.join(map(str, logs))}", flush=True)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.wait()  # they got the same Ctrl-C: let them save their checkpoints
+        raise
+    if any(code not in (0, 1) for code in codes):
+        raise RuntimeError(f"worker exit codes {codes}; see {', '.join(map(str, logs))}")
     return study
 
 
