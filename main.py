@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             from preflight import preflight
             return preflight(run_config)
         if args.optimize_config:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ConfigError("--optimize_config", "", "a search under torchrun is not supported yet; "
+                                  "use --workers, or train the best config with torchrun")
             opt_config = OptimizeConfig.from_yaml(args.optimize_config)
             if args.storage:
                 opt_config = dataclasses.replace(opt_config, storage=args.storage)
@@ -101,9 +104,15 @@ def main(argv: list[str] | None = None) -> int:
             text, best_path = report_best(study, run_config)
             print(text)
             return 0 if best_path else 1
+        import distributed
         from util import run
-        result = run(run_config, resume=args.resume, overrides=flags)
-        print(result.summary())
+        try:
+            result = run(run_config, resume=args.resume, overrides=flags)
+        finally:
+            rank = distributed.rank()
+            distributed.teardown()
+        if rank == 0:
+            print(result.summary())
         return 0 if result.values else 1
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

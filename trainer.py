@@ -22,10 +22,12 @@ from itertools import islice
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 from tqdm import tqdm
 
 import checkpoint
+import distributed
 from config import RunConfig
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, metrics) after each epoch; may raise to stop
@@ -56,8 +58,14 @@ class Trainer:
         self.val_batch_size = self.options.val_batch_size or config.batch_size
         self.callbacks, self.on_checkpoint = list(callbacks), on_checkpoint
         self.metrics = config.metric_functions()  # {"val_accuracy": fn(pred, target)}, computed in evaluate
+        # Under torchrun each rank trains on its share of every global batch (DDP averages
+        # the gradients); without it there is no process group and nothing changes.
+        self.rank, self.world = distributed.rank(), distributed.world_size() if distributed.initialized() else 1
+        module = model
+        if self.world > 1:
+            module = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
         # What the step runs: the compiled model if asked (its weights are the model's own).
-        self.forward = torch.compile(model) if self.options.compile else model
+        self.forward = torch.compile(module) if self.options.compile else module
         self.device_type = torch.device(device).type
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.options.precision]
         # fp16 gradients underflow without loss scaling; when disabled the scaler is a pass-through.
@@ -87,18 +95,29 @@ class Trainer:
                 skip: int = 0) -> Iterator[tuple]:
         """In-memory tensors are sliced by index on the device (no per-sample Python work);
         any other dataset goes through a DataLoader. `generator` shuffles; `skip` resumes."""
+        rank, world = self.rank, self.world
         if isinstance(data, tuple):
             n = len(data[0])
             order = torch.randperm(n, generator=generator).to(self.device) if generator is not None else None
             for start in range(skip * batch_size, n, batch_size):
                 index = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+                if world > 1:  # this rank's share; a last batch smaller than the world is dropped
+                    if min(batch_size, n - start) < world:
+                        break
+                    index = (index if order is not None else torch.arange(start, min(start + batch_size, n),
+                                                                          device=self.device))[rank::world]
                 yield tuple(t[index] for t in data)
         else:
             o = self.options
-            loader = DataLoader(data, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-                                num_workers=o.num_workers, pin_memory=o.pin_memory,
-                                persistent_workers=o.persistent_workers)
-            for batch in islice(loader, skip, None):
+            workers = dict(num_workers=o.num_workers, pin_memory=o.pin_memory, persistent_workers=o.persistent_workers)
+            if world > 1:  # the same global batches as one process would draw, shared out by rank
+                sampler = RandomSampler(data, generator=generator) if generator is not None else SequentialSampler(data)
+                shares = [b[rank::world] for b in BatchSampler(sampler, batch_size, drop_last=False) if len(b) >= world]
+                loader = DataLoader(data, batch_sampler=shares[skip:], **workers)
+            else:
+                loader = islice(DataLoader(data, batch_size=batch_size, shuffle=generator is not None,
+                                           generator=generator, **workers), skip, None)
+            for batch in loader:
                 yield tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     # ---- one epoch
@@ -122,11 +141,14 @@ class Trainer:
                 self.optimizer_step()
             self.loss_sum += loss.detach() * len(y)  # weight by batch size: a per-sample mean
             self.loss_count += len(y)
-            if self.stop_requested and self.batch % accumulate == 0:
-                return None  # stop only where no gradient is half-accumulated
+            if self.stop_requested and self.batch % accumulate == 0 and self.world == 1:
+                return None  # stop only where no gradient is half-accumulated (under DDP: at epoch end)
         if self.batch % accumulate:
             self.optimizer_step()  # the epoch's last, shorter accumulation
         self.batch = 0
+        if self.world > 1:  # one reduction per epoch: the global per-sample mean
+            total = distributed.sum_across_ranks(torch.stack([self.loss_sum, self.loss_sum.new_tensor(self.loss_count)]))
+            return (total[0] / total[1]).item()
         return (self.loss_sum / self.loss_count).item()
 
     def optimizer_step(self) -> None:
@@ -148,6 +170,9 @@ class Trainer:
                 values = [self.criterion(pred, y)] + [metric(pred, y) for metric in self.metrics.values()]
             totals += torch.stack([v.float() for v in values]) * len(y)
             count += len(y)
+        if self.world > 1:  # every rank saw a share: add them up
+            summed = distributed.sum_across_ranks(torch.cat([totals, totals.new_tensor([count])]))
+            totals, count = summed[:-1], summed[-1]
         means = (totals / count).tolist()  # one host sync per evaluation
         return dict(zip(["val_loss", *self.metrics], means))
 
@@ -167,13 +192,14 @@ class Trainer:
         patience = self.config.early_stopping.patience
         # A checkpoint of a seed that already stopped (early, or diverged) has nothing left to run.
         remaining = range(self.epoch + 1, self.epochs + 1) if self.status == "running" else range(0)
-        bar = tqdm(remaining, initial=self.epoch, total=self.epochs, desc=desc, unit="epoch", dynamic_ncols=True)
+        bar = tqdm(remaining, initial=self.epoch, total=self.epochs, desc=desc, unit="epoch", dynamic_ncols=True,
+                   disable=self.rank != 0)
         with self.stop_on_signals():
             for epoch in bar:
                 lr = self.optimizer.param_groups[0]["lr"]
                 train_loss = self.train_epoch(train_data)
-                if train_loss is None:  # SIGINT/SIGTERM: save exactly where we are, then stop
-                    self.save_checkpoint(started)
+                if train_loss is None or (self.world > 1 and self.stop_agreed()):
+                    self.save_checkpoint(started)  # SIGINT/SIGTERM: save exactly where we are, then stop
                     raise KeyboardInterrupt(f"stopped by a signal in epoch {epoch}; checkpoint saved")
                 validation = self.evaluate(val_data)
                 val_loss = validation["val_loss"]
@@ -240,6 +266,11 @@ class Trainer:
         checkpoint.set_rng_states(state["rng"])
         if self.status == "completed" and self.epoch < self.epochs:
             self.status = "running"  # `epochs` was raised: train longer
+
+    def stop_agreed(self) -> bool:
+        """Under DDP ranks stop together: any rank's signal stops all, at an epoch's end."""
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        return distributed.sum_across_ranks(flag).item() > 0
 
     @contextmanager
     def stop_on_signals(self):

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import checkpoint
+import distributed
 import provenance
 from config import RUN_ONLY_KEYS, ConfigError, RunConfig
 from trainer import EpochCallback, Trainer, TrainResult  # noqa: F401  (util.Trainer: the loop)
@@ -132,21 +133,27 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
     With `resume`, finished seeds are kept and unfinished ones continue from their
     checkpoints. `first_seed_callbacks` lets a search report the first seed's curve.
     """
-    device = config.resolve_device()
+    rank, world, device = distributed.setup(config.resolve_device())  # torchrun: one process per rank
+    if config.batch_size < world:
+        raise ConfigError(config.source, "batch_size", f"is the global batch: at least one sample per rank "
+                                                       f"({world}), got {config.batch_size}")
     train_set, val_set = config.load_data()
     set_seed(config.seeds[0])
     _build(config, device)  # a throwaway build: a bad net_config fails before any file exists
     group = group or config.group_name()
     group_dir = RUNS_DIR / config.project / group
-    _check_group(config, group_dir, resume)
-    try:
-        group_dir.mkdir(parents=True, exist_ok=True)
-        comment = f"merged from {config.source}" + (f"\noverrides: {' '.join(overrides)}" if overrides else "")
-        config.with_overrides({"group": group}).to_yaml(group_dir / ".config.yaml.tmp", comment=comment)
-        os.replace(group_dir / ".config.yaml.tmp", group_dir / "config.yaml")
-        record = provenance.start(group_dir, config.config_hash(), device, list(overrides))
-    except OSError as e:
-        raise ConfigError(str(group_dir), "", f"cannot write the run folder: {e.strerror or e}") from None
+    _check_group(config, group_dir, resume)  # every rank reads the same files, so all agree
+    record = None
+    if rank == 0:  # only rank 0 writes
+        try:
+            group_dir.mkdir(parents=True, exist_ok=True)
+            comment = f"merged from {config.source}" + (f"\noverrides: {' '.join(overrides)}" if overrides else "")
+            config.with_overrides({"group": group}).to_yaml(group_dir / ".config.yaml.tmp", comment=comment)
+            os.replace(group_dir / ".config.yaml.tmp", group_dir / "config.yaml")
+            record = provenance.start(group_dir, config.config_hash(), device, list(overrides))
+        except OSError as e:
+            raise ConfigError(str(group_dir), "", f"cannot write the run folder: {e.strerror or e}") from None
+    distributed.barrier()
     results, status, threads = [], "failed", torch.get_num_threads()
     try:
         _set_determinism(config.trainer.deterministic, device)
@@ -160,7 +167,8 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         raise
     finally:
         torch.set_num_threads(threads)  # deterministic CPU runs use one thread; give the rest back
-        provenance.finish(group_dir, record, status)
+        if record is not None:
+            provenance.finish(group_dir, record, status)
     return RunResult(group_dir, config.monitor, results)
 
 
@@ -171,9 +179,14 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
     if done.get("status") in FINISHED and not (done["status"] == "completed" and done["epochs_run"] < config.epochs):
         return SeedResult(**done)  # finished before: kept as it is
     state = checkpoint.load(run_dir / "checkpoint.pt", device) if (run_dir / "checkpoint.pt").exists() else None
-    run_dir.mkdir(exist_ok=True)
     set_seed(seed)
     model, optimizer, scheduler, criterion = _build(config, device)
+    if distributed.rank() != 0:  # other ranks train their share and write nothing
+        trainer = Trainer(model, optimizer, scheduler, criterion, config, device=device)
+        result = trainer.train(*data, seed, resume_from=state)
+        distributed.barrier()  # rank 0 has written this seed's files
+        return SeedResult(seed, result.status, result.best_value, result.best_epoch, result.epochs_run, str(run_dir))
+    run_dir.mkdir(exist_ok=True)
     history = state["history"] if state else []
     columns = config.columns()
     with open(run_dir / "metrics.csv", "w", newline="") as f:  # rows after the checkpoint are redone
@@ -214,6 +227,7 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
     seed_result = SeedResult(seed, result.status, result.best_value, result.best_epoch,
                              result.epochs_run, str(run_dir))
     _write_json(run_dir / "result.json", asdict(seed_result))
+    distributed.barrier()
     return seed_result
 
 

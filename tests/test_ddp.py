@@ -1,0 +1,68 @@
+"""torchrun with DistributedDataParallel on CPU (gloo): 2 processes match 1 process with
+the same global batch, write one set of files, exit cleanly, and their checkpoints
+resume in one process (and the other way round)."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, child_env, run_main, write_yaml
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def torchrun(workdir, *args):
+    if not TORCHRUN.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"), *args],
+                          cwd=workdir, env=child_env({"OMP_NUM_THREADS": "1"}), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+
+
+def losses(group_dir):
+    with open(group_dir / "3" / "metrics.csv") as f:
+        return [(float(r["train_loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
+
+
+@pytest.fixture
+def ddp_config(tiny):
+    tiny.update(seeds=[3], epochs=4, batch_size=64, checkpoint_every_s=0, scheduler_config={"T_max": 4})
+    return tiny
+
+
+def test_two_ranks_match_one_process(workdir, ddp_config):
+    write_yaml(workdir / "c.yaml", ddp_config)
+    two = torchrun(workdir, "--run_config", "c.yaml", "--set", "group=two")
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = run_main("--run_config", "c.yaml", "--set", "group=one", cwd=workdir)
+    assert one.returncode == 0, one.stderr
+    runs = workdir / "runs" / "test"
+    for (t2, v2), (t1, v1) in zip(losses(runs / "two"), losses(runs / "one"), strict=True):
+        assert t2 == pytest.approx(t1, rel=1e-5) and v2 == pytest.approx(v1, rel=1e-5)
+    assert two.stdout.count("files: ") == 1  # one summary: rank 0's
+    assert sorted(p.name for p in (runs / "two" / "3").iterdir()) == \
+        sorted(p.name for p in (runs / "one" / "3").iterdir())  # one set of run files
+
+
+def test_checkpoints_move_between_ddp_and_one_process(workdir, ddp_config):
+    runs = workdir / "runs" / "test"
+    write_yaml(workdir / "c.yaml", ddp_config)
+    assert run_main("--run_config", "c.yaml", "--set", "group=straight", cwd=workdir).returncode == 0
+    # Two epochs under DDP, then two more in one process.
+    write_yaml(workdir / "half.yaml", {**ddp_config, "epochs": 2})
+    first = torchrun(workdir, "--run_config", "half.yaml", "--set", "group=mixed")
+    assert first.returncode == 0, first.stdout + first.stderr
+    rest = run_main("--run_config", "c.yaml", "--set", "group=mixed", "--resume", cwd=workdir)
+    assert rest.returncode == 0, rest.stderr
+    # And the other way: two epochs in one process, two more under DDP.
+    assert run_main("--run_config", "half.yaml", "--set", "group=back", cwd=workdir).returncode == 0
+    back = torchrun(workdir, "--run_config", "c.yaml", "--set", "group=back", "--resume")
+    assert back.returncode == 0, back.stdout + back.stderr
+    for group in ("mixed", "back"):
+        for (ta, va), (tb, vb) in zip(losses(runs / group), losses(runs / "straight"), strict=True):
+            assert ta == pytest.approx(tb, rel=1e-5) and va == pytest.approx(vb, rel=1e-5)
+        assert json.loads((runs / group / "3" / "result.json").read_text())["epochs_run"] == 4
