@@ -55,3 +55,10 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if initialized():
         dist.barrier()
+
+
+def broadcast_from_rank0(objects: list) -> list:
+    """Rank 0's picklable objects, on every rank (in place, and returned)."""
+    if initialized():
+        dist.broadcast_object_list(objects, src=0)
+    return objects

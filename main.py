@@ -85,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
             from preflight import preflight
             return preflight(run_config)
         if args.optimize_config:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ConfigError("--optimize_config", "", "a search under torchrun is not supported yet; "
-                                  "use --workers, or train the best config with torchrun")
             opt_config = OptimizeConfig.from_yaml(args.optimize_config)
             if args.storage:
                 opt_config = dataclasses.replace(opt_config, storage=args.storage)
@@ -95,8 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--workers", "", f"must be at least 1, got {args.workers}")
             opt_config.check_against(run_config)
             run_config.resolve_device()
-            from search import report_best, run_study, run_workers
-            if args.workers > 1:
+            from search import report_best, run_study, run_study_distributed, run_workers
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every trial on all ranks
+                import distributed
+                study = run_study_distributed(run_config, opt_config)
+                distributed.teardown()
+                if study is None:
+                    return 0  # not rank 0: rank 0 reports
+            elif args.workers > 1:
                 command = argv if argv is not None else sys.argv[1:]
                 study = run_workers(_without_workers(command), args.workers, run_config, opt_config)
             else:

@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+import distributed
 from config import OptimizeConfig, RunConfig
 from util import RUNS_DIR, run
 
@@ -55,10 +56,15 @@ def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name
 
         def report(epoch: int, metrics: dict) -> None:
             trial.report(metrics[config.monitor], epoch)
-            if trial.should_prune():
+            prune = trial.should_prune()
+            if distributed.initialized():  # under torchrun the other ranks stop with rank 0
+                distributed.broadcast_from_rank0([prune])
+            if prune:
                 trial.set_user_attr("reason", f"pruned at epoch {epoch}")
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
+        if distributed.initialized():  # the other ranks train this same trial (follow_rank0)
+            distributed.broadcast_from_rank0([(params, group)])
         result = run(config, group=group, tags=("search", study_name), first_seed_callbacks=[report])
         trial.set_user_attr("seed_values", {str(s.seed): s.best_value for s in result.seeds})
         diverged = [s.seed for s in result.seeds if s.status == "diverged"]
@@ -113,6 +119,38 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study
 
         study.optimize(claimed, n_trials=remaining, catch=(Exception,), callbacks=[stop_when_full])
     return study
+
+
+def follow_rank0(run_config: RunConfig, opt_config: OptimizeConfig) -> None:
+    """Under torchrun, ranks other than 0 train each trial that rank 0's study sends them,
+    and stop a trial when rank 0's pruner does. Only rank 0 talks to Optuna."""
+    while True:
+        (message,) = distributed.broadcast_from_rank0([None])
+        if message is None:  # the study is done
+            return
+        params, group = message
+
+        def follow(epoch: int, metrics: dict) -> None:
+            (prune,) = distributed.broadcast_from_rank0([None])
+            if prune:
+                raise optuna.TrialPruned()
+
+        try:
+            run(run_config.with_overrides(params), group=group, first_seed_callbacks=[follow])
+        except Exception:  # rank 0 met the same end (same config, same data) and records it
+            continue
+
+
+def run_study_distributed(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study | None:
+    """A search under torchrun: every trial trains with all ranks; rank 0 runs the study."""
+    distributed.setup(run_config.resolve_device())
+    if distributed.rank() != 0:
+        follow_rank0(run_config, opt_config)
+        return None
+    try:
+        return run_study(run_config, opt_config)
+    finally:
+        distributed.broadcast_from_rank0([None])  # release the other ranks
 
 
 def run_workers(argv: list[str], workers: int, run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study:

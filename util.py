@@ -182,7 +182,7 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
     set_seed(seed)
     model, optimizer, scheduler, criterion = _build(config, device)
     if distributed.rank() != 0:  # other ranks train their share and write nothing
-        trainer = Trainer(model, optimizer, scheduler, criterion, config, device=device)
+        trainer = Trainer(model, optimizer, scheduler, criterion, config, device=device, callbacks=callbacks)
         result = trainer.train(*data, seed, resume_from=state)
         distributed.barrier()  # rank 0 has written this seed's files
         return SeedResult(seed, result.status, result.best_value, result.best_epoch, result.epochs_run, str(run_dir))
@@ -191,13 +191,15 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
     columns = config.columns()
     with open(run_dir / "metrics.csv", "w", newline="") as f:  # rows after the checkpoint are redone
         csv.writer(f).writerows([columns] + [[m[k] for k in columns] for m in history])
-    saved_best = [state["best_epoch"] if state else None]
+    saved_best = [None]  # a new process writes best.pt at its first checkpoint: the last one may have died first
 
     def save_checkpoint(full_state: dict) -> None:
-        checkpoint.save(run_dir / "checkpoint.pt", full_state)
+        # best.pt before checkpoint.pt: a kill between the two never leaves a checkpoint
+        # that claims a best epoch whose weights best.pt does not hold.
         if full_state["best_state"] is not None and full_state["best_epoch"] != saved_best[0]:
             checkpoint.save(run_dir / "best.pt", full_state["best_state"])
             saved_best[0] = full_state["best_epoch"]
+        checkpoint.save(run_dir / "checkpoint.pt", full_state)
 
     logger = _start_wandb(config, group, seed, tags, run_dir)
     with open(run_dir / "metrics.csv", "a", newline="") as csv_file:

@@ -66,3 +66,27 @@ def test_checkpoints_move_between_ddp_and_one_process(workdir, ddp_config):
         for (ta, va), (tb, vb) in zip(losses(runs / group), losses(runs / "straight"), strict=True):
             assert ta == pytest.approx(tb, rel=1e-5) and va == pytest.approx(vb, rel=1e-5)
         assert json.loads((runs / group / "3" / "result.json").read_text())["epochs_run"] == 4
+
+
+def test_a_search_under_torchrun(workdir, ddp_config):
+    import optuna
+    from optuna.trial import TrialState
+    ddp_config["epochs"] = 3
+    write_yaml(workdir / "c.yaml", ddp_config)
+    space = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2, "log": True}}}
+    write_yaml(workdir / "o.yaml", {"trials": 3, "seed": 0, "pruner": None, "study_name": "s", "search_space": space})
+    # Every trial is pruned early by rank 0's pruner: the other rank must stop with it (no hang).
+    write_yaml(workdir / "p.yaml", {"trials": 2, "seed": 0, "study_name": "p", "search_space": space,
+                                    "pruner": "optuna.pruners.ThresholdPruner",
+                                    "pruner_config": {"upper": 1e-9, "n_warmup_steps": 1}})
+    searched = torchrun(workdir, "--run_config", "c.yaml", "--optimize_config", "o.yaml")
+    assert searched.returncode == 0, searched.stdout + searched.stderr
+    assert searched.stdout.count("best trial") == 1  # rank 0 reports
+    pruned = torchrun(workdir, "--run_config", "c.yaml", "--optimize_config", "p.yaml")
+    assert pruned.returncode == 1 and "2 pruned" in pruned.stdout, pruned.stdout + pruned.stderr
+    storage = f"sqlite:///{workdir / 'runs' / 'test' / 'optuna.db'}"
+    states = [t.state for t in optuna.load_study(study_name="s", storage=storage).get_trials()]
+    assert states == [TrialState.COMPLETE] * 3
+    pruned_trials = optuna.load_study(study_name="p", storage=storage).get_trials()
+    assert [t.state for t in pruned_trials] == [TrialState.PRUNED] * 2
+    assert all(max(t.intermediate_values) < 3 for t in pruned_trials)  # stopped early, on both ranks
