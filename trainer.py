@@ -111,9 +111,13 @@ class Trainer:
             o = self.options
             workers = dict(num_workers=o.num_workers, pin_memory=o.pin_memory, persistent_workers=o.persistent_workers)
             if world > 1:  # the same global batches as one process would draw, shared out by rank
+                seeds = None
+                if generator is not None:  # a DataLoader draws its workers' base seed before the order
+                    base_seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
+                    seeds = torch.Generator().manual_seed(base_seed)
                 sampler = RandomSampler(data, generator=generator) if generator is not None else SequentialSampler(data)
                 shares = [b[rank::world] for b in BatchSampler(sampler, batch_size, drop_last=False) if len(b) >= world]
-                loader = DataLoader(data, batch_sampler=shares[skip:], **workers)
+                loader = DataLoader(data, batch_sampler=shares[skip:], generator=seeds, **workers)
             else:
                 loader = islice(DataLoader(data, batch_size=batch_size, shuffle=generator is not None,
                                            generator=generator, **workers), skip, None)

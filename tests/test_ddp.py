@@ -90,3 +90,21 @@ def test_a_search_under_torchrun(workdir, ddp_config):
     pruned_trials = optuna.load_study(study_name="p", storage=storage).get_trials()
     assert [t.state for t in pruned_trials] == [TrialState.PRUNED] * 2
     assert all(max(t.intermediate_values) < 3 for t in pruned_trials)  # stopped early, on both ranks
+
+
+def test_dataloader_path_is_sharded_too(workdir, ddp_config):
+    (workdir / "plain_data.py").write_text(
+        "import torch\nfrom util import load_data\n\n"
+        "class Plain(torch.utils.data.Dataset):  # not a TensorDataset: the DataLoader path\n"
+        "    def __init__(self, inner):\n        self.inner = inner\n\n"
+        "    def __len__(self):\n        return len(self.inner)\n\n"
+        "    def __getitem__(self, i):\n        return self.inner[i]\n\n"
+        "def load(**kwargs):\n    return tuple(Plain(d) for d in load_data(**kwargs))\n")
+    ddp_config.update(data="plain_data.load", epochs=2)
+    write_yaml(workdir / "c.yaml", ddp_config)
+    two = torchrun(workdir, "--run_config", "c.yaml", "--set", "group=two")
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert run_main("--run_config", "c.yaml", "--set", "group=one", cwd=workdir).returncode == 0
+    runs = workdir / "runs" / "test"
+    for (t2, v2), (t1, v1) in zip(losses(runs / "two"), losses(runs / "one"), strict=True):
+        assert t2 == pytest.approx(t1, rel=1e-5) and v2 == pytest.approx(v1, rel=1e-5)
