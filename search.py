@@ -12,10 +12,14 @@ continues the study until it holds `trials` finished (complete or pruned) trials
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 import distributed
@@ -159,11 +163,6 @@ def run_workers(argv: list[str], workers: int, run_config: RunConfig, opt_config
     CPU threads are divided between them, each gets one GPU (round robin) where there
     are GPUs, and each writes its output to runs/<project>/<study>_worker<i>.log.
     """
-    import os
-    import subprocess
-    import sys
-
-    import torch
     study = open_study(run_config, opt_config)  # created once, before the workers race to
     threads = max(1, (os.cpu_count() or 1) // workers)
     gpus = torch.cuda.device_count()

@@ -211,7 +211,8 @@ class Trainer:
                 metrics = {"epoch": epoch, "train_loss": train_loss, **validation, "lr": lr,
                            "wall_time": self.elapsed + time.perf_counter() - started}
                 self.history.append(metrics)
-                bar.set_postfix(train_loss=f"{train_loss:.4g}", val_loss=f"{val_loss:.4g}")
+                # refresh=False: the bar redraws on its next step anyway; no extra write per epoch
+                bar.set_postfix(train_loss=f"{train_loss:.4g}", val_loss=f"{val_loss:.4g}", refresh=False)
                 for callback in self.callbacks:  # metrics.csv, wandb, Optuna (may raise TrialPruned)
                     callback(epoch, metrics)
                 value = metrics[self.config.monitor]

@@ -88,17 +88,6 @@ def test_all_seeds_diverging_is_reported(workdir, tiny):
     assert "Traceback" not in result.stderr
 
 
-def test_bad_optimize_config_exits_2_before_writing(workdir, tiny):
-    write_yaml(workdir / "c.yaml", tiny)
-    write_yaml(workdir / "o.yaml", {"trials": 2, "search_space": {"net_config": {
-        "nodes": {"type": "int", "min": 8, "max": 2}}}})
-    result = run_main("--run_config", "c.yaml", "--optimize_config", "o.yaml", cwd=workdir)
-    assert result.returncode == 2
-    assert result.stderr.strip() == ("error: o.yaml: search_space.net_config.nodes.min: "
-                                     "min (8) is greater than max (2)")
-    assert not (workdir / "runs").exists()
-
-
 def test_optuna_and_wandb_load_only_when_used(workdir, tiny):
     import subprocess
     import sys
