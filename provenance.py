@@ -3,7 +3,7 @@
 run() writes runs/<project>/<group>/provenance.json with one entry per invocation
 (a resume adds one): the command line and its overrides, the config hash, the git
 commit and whether the tree was dirty, Python, torch, CUDA and package versions,
-the device name, and the start and end time.
+the device name and torch's CPU kernel set, and the start and end time.
 """
 from __future__ import annotations
 
@@ -66,6 +66,9 @@ def start(group_dir: Path, config_hash: str, device: str, overrides: list[str]) 
         "packages": {p: _version(p) for p in PACKAGES},
         "device": device,
         "device_name": _device_name(device),
+        # torch's SIMD kernels (e.g. AVX2 vs AVX512) sum in different orders: the same
+        # seed can differ in its last bits between two machines whose values differ here.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "host": platform.node(),
         "cwd": os.getcwd(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

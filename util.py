@@ -17,9 +17,10 @@ import os
 import random
 import secrets
 import statistics
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -134,42 +135,42 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
     checkpoints. `first_seed_callbacks` lets a search report the first seed's curve.
     """
     rank, world, device = distributed.setup(config.resolve_device())  # torchrun: one process per rank
-    if config.batch_size < world:
-        raise ConfigError(config.source, "batch_size", f"is the global batch: at least one sample per rank "
-                                                       f"({world}), got {config.batch_size}")
-    train_set, val_set = config.load_data()
-    set_seed(config.seeds[0])
-    _build(config, device)  # a throwaway build: a bad net_config fails before any file exists
-    group = group or config.group_name()
-    group_dir = RUNS_DIR / config.project / group
-    _check_group(config, group_dir, resume)  # every rank reads the same files, so all agree
-    record = None
-    if rank == 0:  # only rank 0 writes
+    # Before the data is built: a deterministic run builds it on one thread too.
+    with _determinism(config.trainer.deterministic, device):
+        if config.batch_size < world:
+            raise ConfigError(config.source, "batch_size", f"is the global batch: at least one sample per rank "
+                                                           f"({world}), got {config.batch_size}")
+        train_set, val_set = config.load_data()
+        set_seed(config.seeds[0])
+        _build(config, device)  # a throwaway build: a bad net_config fails before any file exists
+        group = group or config.group_name()
+        group_dir = RUNS_DIR / config.project / group
+        _check_group(config, group_dir, resume)  # every rank reads the same files, so all agree
+        record = None
+        if rank == 0:  # only rank 0 writes
+            try:
+                group_dir.mkdir(parents=True, exist_ok=True)
+                comment = f"merged from {config.source}" + (f"\noverrides: {' '.join(overrides)}" if overrides else "")
+                config.with_overrides({"group": group}).to_yaml(group_dir / ".config.yaml.tmp", comment=comment)
+                os.replace(group_dir / ".config.yaml.tmp", group_dir / "config.yaml")
+                record = provenance.start(group_dir, config.config_hash(), device, list(overrides))
+            except OSError as e:
+                raise ConfigError(str(group_dir), "", f"cannot write the run folder: {e.strerror or e}") from None
+        distributed.barrier()
+        results, status = [], "failed"
         try:
-            group_dir.mkdir(parents=True, exist_ok=True)
-            comment = f"merged from {config.source}" + (f"\noverrides: {' '.join(overrides)}" if overrides else "")
-            config.with_overrides({"group": group}).to_yaml(group_dir / ".config.yaml.tmp", comment=comment)
-            os.replace(group_dir / ".config.yaml.tmp", group_dir / "config.yaml")
-            record = provenance.start(group_dir, config.config_hash(), device, list(overrides))
-        except OSError as e:
-            raise ConfigError(str(group_dir), "", f"cannot write the run folder: {e.strerror or e}") from None
-    distributed.barrier()
-    results, status, threads = [], "failed", torch.get_num_threads()
-    try:
-        _set_determinism(config.trainer.deterministic, device)
-        for index, seed in enumerate(config.seeds):
-            callbacks = list(first_seed_callbacks) if index == 0 else []
-            results.append(_run_seed(config, group, group_dir / str(seed), seed, device,
-                                     (train_set, val_set), callbacks, tags))
-        status = "finished"
-    except BaseException as e:  # interrupted, pruned or crashed: the record says which
-        status = type(e).__name__
-        raise
-    finally:
-        torch.set_num_threads(threads)  # deterministic CPU runs use one thread; give the rest back
-        if record is not None:
-            provenance.finish(group_dir, record, status)
-    return RunResult(group_dir, config.monitor, results)
+            for index, seed in enumerate(config.seeds):
+                callbacks = list(first_seed_callbacks) if index == 0 else []
+                results.append(_run_seed(config, group, group_dir / str(seed), seed, device,
+                                         (train_set, val_set), callbacks, tags))
+            status = "finished"
+        except BaseException as e:  # interrupted, pruned or crashed: the record says which
+            status = type(e).__name__
+            raise
+        finally:
+            if record is not None:
+                provenance.finish(group_dir, record, status)
+        return RunResult(group_dir, config.monitor, results)
 
 
 def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: str, data: tuple,
@@ -233,12 +234,14 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
     return seed_result
 
 
-def _set_determinism(deterministic: bool, device: str) -> None:
+@contextmanager
+def _determinism(deterministic: bool, device: str) -> Iterator[None]:
     """Deterministic kernels when asked (slower on CUDA); otherwise let cuDNN pick the fastest.
 
     On CPU, deterministic also means one intra-op thread: with two threads the same run
-    varied in its last bits between processes (about one run in four on our machine),
-    which would break bit-for-bit resume and reruns."""
+    varied in its last bits between processes, which would break bit-for-bit resume and
+    reruns. The thread count and the deterministic switch are given back on the way out."""
+    threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         if device == "cpu":
@@ -246,6 +249,34 @@ def _set_determinism(deterministic: bool, device: str) -> None:
     torch.use_deterministic_algorithms(deterministic)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = not deterministic
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+# torch sends float unary ops (sin, exp, sqrt, tanh, ...) on CPU to oneMKL's vector math
+# (VML), which picks each function's kernel on its first call. oneMKL 2024.2, bundled with
+# torch 2.13, races when that first call runs on several intra-op threads at once: one
+# thread's chunk can come from a low-accuracy kernel (pytorch/pytorch#188792). Here it hit
+# about one process in eight: the shipped data's sin(4πx) was off by up to 1.5e-4 on half
+# of the points, so two processes (or two DDP ranks) trained on different data. A
+# one-element call per function and precision, on one thread, settles every choice first.
+# It runs when util is imported, so run(), analyze.py, preflight and the benchmarks all get
+# it before they build data. Drop it once torch bundles oneMKL 2025.0 or newer.
+_VECTOR_MATH = (torch.acos, torch.asin, torch.atan, torch.cos, torch.erf, torch.erfc, torch.erfinv, torch.exp,
+                torch.log, torch.log2, torch.log10, torch.sin, torch.sqrt, torch.tan, torch.tanh, torch.trunc)
+
+
+def warm_up_vector_math() -> None:
+    for dtype in (torch.float32, torch.float64):
+        one = torch.full((1,), 0.5, dtype=dtype)
+        for function in _VECTOR_MATH:
+            function(one)
+
+
+warm_up_vector_math()
 
 
 def _build(config: RunConfig, device: str) -> tuple:

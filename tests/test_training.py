@@ -2,6 +2,8 @@
 bit-identical reruns, wandb offline and always closed."""
 import csv
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch.utils.data import TensorDataset
 from config import RunConfig
 from conftest import PlainDataset
 from model import MLP
+import util
 from util import Trainer, load_data, run, set_seed
 
 
@@ -141,3 +144,29 @@ def test_wandb_is_closed_when_training_crashes(workdir, tiny):
     (seed_dir,) = [p for p in next((workdir / "runs" / "test").iterdir()).iterdir() if p.name == "7"]
     assert '"status": "failed"' in (seed_dir / "result.json").read_text()
     assert len(read_losses(seed_dir / "metrics.csv")) == 2  # every finished epoch was kept
+
+
+def test_a_deterministic_run_builds_its_data_on_one_thread_and_gives_the_threads_back(workdir, tiny, monkeypatch):
+    # The data function runs after the determinism settings: every process builds the same data.
+    (workdir / "probe.py").write_text(
+        "import torch, util\n"
+        "threads = []\n"
+        "def load(**kwargs):\n"
+        "    threads.append(torch.get_num_threads())\n"
+        "    return util.load_data(**kwargs)\n")
+    monkeypatch.syspath_prepend(str(workdir))
+    import probe
+    torch.set_num_threads(2)
+    run(RunConfig.from_dict({**tiny, "data": "probe.load", "trainer": {"deterministic": True}}))
+    assert probe.threads == [1]
+    assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_vector_math_warm_up_covers_every_function_torch_sends_to_mkl():
+    # util.warm_up_vector_math settles oneMKL's first-call choice for each VML function
+    # (pytorch/pytorch#188792). The list must follow torch: read it from torch's own header.
+    header = Path(torch.__file__).parent / "include" / "ATen" / "cpu" / "vml.h"
+    assert torch.backends.mkl.is_available() and header.exists()
+    sent_to_mkl = set(re.findall(r"^IMPLEMENT_VML_MKL\((\w+),", header.read_text(), flags=re.M))
+    assert {"sin", "cos", "exp", "sqrt", "tanh"} <= sent_to_mkl  # the header was read
+    assert sent_to_mkl <= {f.__name__ for f in util._VECTOR_MATH}
