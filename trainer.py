@@ -16,7 +16,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Iterator
@@ -68,6 +68,10 @@ class Trainer:
         self.forward = torch.compile(module) if self.options.compile else module
         self.device_type = torch.device(device).type
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.options.precision]
+        # A disabled torch.autocast still costs ~3.5 µs to enter and leave, every step:
+        # fp32 runs use no context at all.
+        self.autocast = (lambda: torch.autocast(self.device_type, self.autocast_dtype)) \
+            if self.autocast_dtype is not None else nullcontext
         # fp16 gradients underflow without loss scaling; when disabled the scaler is a pass-through.
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.options.precision == "fp16")
         # Where training stands. All of it goes into a checkpoint.
@@ -137,7 +141,7 @@ class Trainer:
             self.generator.set_state(self.epoch_order_state)
         accumulate = self.options.grad_accum
         for x, y in self.batches(data, self.batch_size, self.generator, skip=self.batch):
-            with torch.autocast(self.device_type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            with self.autocast():
                 loss = self.criterion(self.forward(x), y)
             self.scaler.scale(loss if accumulate == 1 else loss / accumulate).backward()
             self.batch += 1
@@ -169,7 +173,7 @@ class Trainer:
         self.model.eval()
         totals, count = torch.zeros(1 + len(self.metrics), device=self.device), 0
         for x, y in self.batches(data, self.val_batch_size):
-            with torch.autocast(self.device_type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            with self.autocast():
                 pred = self.forward(x)
                 values = [self.criterion(pred, y)] + [metric(pred, y) for metric in self.metrics.values()]
             totals += torch.stack([v.float() for v in values]) * len(y)

@@ -26,8 +26,9 @@ repeated, in this one process:
                   batch size under torch.no_grad.
 
 Each run trains E epochs: `--epochs` if given, else 3, or more at large batch
-sizes so that a run has at least 64 optimizer steps (at 4096, 2 steps an epoch,
-3 epochs last ~60 ms and the ratio would be mostly noise).
+sizes so that a run has at least 256 optimizer steps (at 4096, 2 steps an epoch,
+3 epochs last ~40 ms and the ratio would be mostly noise; with 64 steps, single
+repeats still ranged 0.8-1.3).
 
 It prints each loop's seconds per epoch (median and min-max over the repeats) and
 the ratios a/b and c/b (ratio of the medians, and the min-max of the per-repeat
@@ -63,7 +64,7 @@ import util  # noqa: E402
 from config import RunConfig  # noqa: E402
 
 METHODS = ("a", "b", "c")
-MIN_STEPS = 64  # optimizer steps per run, at least, unless --epochs says otherwise
+MIN_STEPS = 256  # optimizer steps per run, at least, unless --epochs says otherwise
 NAMES = {"a": "template", "b": "plain", "c": "dataloader"}
 
 

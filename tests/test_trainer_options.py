@@ -90,19 +90,17 @@ def test_compile_gives_the_same_numbers():
     assert compiled[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-4)
 
 
-def test_deterministic_flag_is_applied(workdir):
+def test_deterministic_flag_is_applied_during_the_run_only(workdir):
     threads = torch.get_num_threads()
     seen = []
-    run(RunConfig.from_dict({**BASE, "group": "det1", "epochs": 1, "wandb": {"mode": "disabled"},
-                             "trainer": {"deterministic": True}}),
-        first_seed_callbacks=[lambda epoch, metrics: seen.append(torch.get_num_threads())])
-    assert seen == [1]  # one CPU thread while training: bit-identical across processes
+    watch = [lambda epoch, metrics: seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))]
     run(RunConfig.from_dict({**BASE, "group": "det", "epochs": 1, "wandb": {"mode": "disabled"},
-                             "trainer": {"deterministic": True}}))
-    assert torch.are_deterministic_algorithms_enabled()
-    assert torch.get_num_threads() == threads  # the one-thread CPU setting ends with the run
-    run(RunConfig.from_dict({**BASE, "group": "nodet", "epochs": 1, "wandb": {"mode": "disabled"}}))
-    assert not torch.are_deterministic_algorithms_enabled()
+                             "trainer": {"deterministic": True}}), first_seed_callbacks=watch)
+    assert seen == [(1, True)]  # one CPU thread, deterministic kernels: bit-identical across processes
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()  # given back
+    run(RunConfig.from_dict({**BASE, "group": "nodet", "epochs": 1, "wandb": {"mode": "disabled"}}),
+        first_seed_callbacks=watch)
+    assert seen[1] == (threads, False)
 
 
 def test_dataloader_workers_give_the_same_numbers():
