@@ -50,7 +50,7 @@ def load_model(group_dir: Path, seed: str, device: str):
     """(config, model with trained weights) from a run folder."""
     import torch
 
-    import util  # noqa: F401  (importing it settles oneMKL's first calls: util.warm_up_vector_math)
+    import reproducibility  # noqa: F401  (importing it settles oneMKL's first calls: see there)
     from config import RunConfig
     config = RunConfig.from_yaml(group_dir / "config.yaml")
     model = config.build_model(device)

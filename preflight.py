@@ -15,7 +15,8 @@ import time
 import torch
 
 from config import RunConfig
-from util import Trainer, _build, set_seed
+from reproducibility import set_seed
+from util import Trainer, _build
 
 
 def check_shapes(pred: torch.Tensor, target: torch.Tensor) -> str | None:

@@ -14,15 +14,12 @@ import csv
 import json
 import math
 import os
-import random
 import secrets
 import statistics
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
@@ -30,6 +27,7 @@ import checkpoint
 import distributed
 import provenance
 from config import RUN_ONLY_KEYS, ConfigError, RunConfig
+from reproducibility import determinism, set_seed  # noqa: F401  (util.set_seed: the seed helper)
 from trainer import EpochCallback, Trainer, TrainResult  # noqa: F401  (util.Trainer: the loop)
 
 RUNS_DIR = Path("runs")
@@ -72,13 +70,6 @@ def load_spirals(n: int = 3000, classes: int = 3, noise: float = 0.2, val_fracti
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Share of samples whose highest-scoring class is the target (class-index targets)."""
     return (pred.argmax(dim=-1) == target).float().mean()
-
-
-def set_seed(seed: int) -> None:
-    """Seed every generator a run draws from (CUDA included, through torch.manual_seed)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------- runs
@@ -136,7 +127,7 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
     """
     rank, world, device = distributed.setup(config.resolve_device())  # torchrun: one process per rank
     # Before the data is built: a deterministic run builds it on one thread too.
-    with _determinism(config.trainer.deterministic, device):
+    with determinism(config.trainer.deterministic, device):
         if config.batch_size < world:
             raise ConfigError(config.source, "batch_size", f"is the global batch: at least one sample per rank "
                                                            f"({world}), got {config.batch_size}")
@@ -232,51 +223,6 @@ def _run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: s
     _write_json(run_dir / "result.json", asdict(seed_result))
     distributed.barrier()
     return seed_result
-
-
-@contextmanager
-def _determinism(deterministic: bool, device: str) -> Iterator[None]:
-    """Deterministic kernels when asked (slower on CUDA); otherwise let cuDNN pick the fastest.
-
-    On CPU, deterministic also means one intra-op thread: with two threads the same run
-    varied in its last bits between processes, which would break bit-for-bit resume and
-    reruns. The thread count and the deterministic switch are given back on the way out."""
-    threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-        if device == "cpu":
-            torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(deterministic)
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = not deterministic
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(was_deterministic)
-
-
-# torch sends float unary ops (sin, exp, sqrt, tanh, ...) on CPU to oneMKL's vector math
-# (VML), which picks each function's kernel on its first call. oneMKL 2024.2, bundled with
-# torch 2.13, races when that first call runs on several intra-op threads at once: one
-# thread's chunk can come from a low-accuracy kernel (pytorch/pytorch#188792). Here it hit
-# about one process in eight: the shipped data's sin(4πx) was off by up to 1.5e-4 on half
-# of the points, so two processes (or two DDP ranks) trained on different data. A
-# one-element call per function and precision, on one thread, settles every choice first.
-# It runs when util is imported, so run(), analyze.py, preflight and the benchmarks all get
-# it before they build data. Drop it once torch bundles oneMKL 2025.0 or newer.
-_VECTOR_MATH = (torch.acos, torch.asin, torch.atan, torch.cos, torch.erf, torch.erfc, torch.erfinv, torch.exp,
-                torch.log, torch.log2, torch.log10, torch.sin, torch.sqrt, torch.tan, torch.tanh, torch.trunc)
-
-
-def warm_up_vector_math() -> None:
-    for dtype in (torch.float32, torch.float64):
-        one = torch.full((1,), 0.5, dtype=dtype)
-        for function in _VECTOR_MATH:
-            function(one)
-
-
-warm_up_vector_math()
 
 
 def _build(config: RunConfig, device: str) -> tuple:

@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+import reproducibility  # noqa: E402
 import util  # noqa: E402
 from config import RunConfig  # noqa: E402
 
@@ -105,7 +106,7 @@ def time_template(config: RunConfig, runs_dir: Path, group: str) -> float:
 
 def build(config: RunConfig, device: str) -> tuple:
     """The same model, optimizer, scheduler and criterion the template builds, same seed."""
-    util.set_seed(config.seeds[0])
+    reproducibility.set_seed(config.seeds[0])
     model = config.build_model(device)
     optimizer = config.build_optimizer(model)
     return model, optimizer, config.build_scheduler(optimizer), config.build_criterion()

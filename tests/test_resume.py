@@ -22,7 +22,7 @@ from conftest import ROOT, child_env, run_main, write_yaml
 def slow_config():
     """Epochs of ~0.1 s and a checkpoint after each, so a signal lands part-way."""
     config = load_yaml(ROOT / "configs" / "run_template.yaml")
-    # deterministic: bit-for-bit across processes needs one CPU thread (see util._set_determinism)
+    # deterministic: bit-for-bit across processes needs one CPU thread (see reproducibility.determinism)
     config.update(project="test", device="cpu", seeds=[3, 4], epochs=6, batch_size=16, checkpoint_every_s=0,
                   trainer={"deterministic": True},
                   data_config={"n": 3000, "noise": 0.1, "val_fraction": 0.2, "seed": 0},

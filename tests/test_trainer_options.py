@@ -7,7 +7,8 @@ import torch
 from config import RunConfig
 from conftest import PlainDataset
 from model import MLP
-from util import Trainer, load_data, run, set_seed
+from reproducibility import set_seed
+from util import Trainer, load_data, run
 
 BASE = {"project": "t", "seeds": [0], "epochs": 3, "batch_size": 8, "net": "model.MLP",
         "net_config": {"nodes": 8, "layers": 2}, "optimizer": "torch.optim.SGD",

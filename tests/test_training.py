@@ -12,8 +12,9 @@ from torch.utils.data import TensorDataset
 from config import RunConfig
 from conftest import PlainDataset
 from model import MLP
-import util
-from util import Trainer, load_data, run, set_seed
+import reproducibility
+from reproducibility import set_seed
+from util import Trainer, load_data, run
 
 
 BASE = {"project": "t", "seeds": [0], "epochs": 5, "batch_size": 4, "net": "model.MLP",
@@ -163,10 +164,10 @@ def test_a_deterministic_run_builds_its_data_on_one_thread_and_gives_the_threads
 
 
 def test_the_vector_math_warm_up_covers_every_function_torch_sends_to_mkl():
-    # util.warm_up_vector_math settles oneMKL's first-call choice for each VML function
+    # reproducibility.warm_up_vector_math settles oneMKL's first-call choice for each VML function
     # (pytorch/pytorch#188792). The list must follow torch: read it from torch's own header.
     header = Path(torch.__file__).parent / "include" / "ATen" / "cpu" / "vml.h"
     assert torch.backends.mkl.is_available() and header.exists()
     sent_to_mkl = set(re.findall(r"^IMPLEMENT_VML_MKL\((\w+),", header.read_text(), flags=re.M))
     assert {"sin", "cos", "exp", "sqrt", "tanh"} <= sent_to_mkl  # the header was read
-    assert sent_to_mkl <= {f.__name__ for f in util._VECTOR_MATH}
+    assert sent_to_mkl <= {f.__name__ for f in reproducibility._VECTOR_MATH}
