@@ -200,8 +200,11 @@ class Trainer:
         patience = self.config.early_stopping.patience
         # A checkpoint of a seed that already stopped (early, or diverged) has nothing left to run.
         remaining = range(self.epoch + 1, self.epochs + 1) if self.status == "running" else range(0)
+        # Only rank 0 draws a bar. `disable` is not passed otherwise, so that tqdm's own
+        # TQDM_DISABLE=1 (tqdm reads TQDM_* defaults from the environment) still hides it.
+        hidden = {"disable": True} if self.rank != 0 else {}
         bar = tqdm(remaining, initial=self.epoch, total=self.epochs, desc=desc, unit="epoch", dynamic_ncols=True,
-                   disable=self.rank != 0)
+                   **hidden)
         with self.stop_on_signals():
             for epoch in bar:
                 lr = self.optimizer.param_groups[0]["lr"]

@@ -101,3 +101,10 @@ def test_optuna_and_wandb_load_only_when_used(workdir, tiny):
     parsed_only = subprocess.run([sys.executable, "-c", probe, "--help"],
                                  cwd=workdir, capture_output=True, text=True, timeout=60)
     assert parsed_only.stdout.strip().splitlines()[-1] == "None []"  # importing main.py loads no torch
+
+
+def test_tqdm_disable_in_the_environment_hides_the_progress_bar(workdir, tiny, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # tqdm's own switch: the Trainer must not override it
+    result = run_main("--run_config", str(write_yaml(workdir / "tiny.yaml", tiny)), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "epoch/s" not in result.stderr and "seed 7" not in result.stderr and "completed" in result.stdout
