@@ -31,14 +31,16 @@ def determinism(deterministic: bool, device: str) -> Iterator[None]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         if device == "cpu":
             torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(deterministic)
+    if deterministic != was_deterministic:  # the call imports torch._dynamo (~1 s) even when it changes nothing
+        torch.use_deterministic_algorithms(deterministic)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = not deterministic
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(was_deterministic)
+        if deterministic != was_deterministic:
+            torch.use_deterministic_algorithms(was_deterministic)
 
 
 # torch sends float unary ops (sin, exp, sqrt, tanh, ...) on CPU to oneMKL's vector math
