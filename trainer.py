@@ -1,7 +1,7 @@
 """The training loop: one model, one seed, read top to bottom.
 
-    trainer = Trainer(model, optimizer, scheduler, criterion, device="cpu", epochs=50, batch_size=256)
-    result = trainer.train(train_set, val_set, seed=42)
+    trainer = Trainer(model, optimizer, scheduler, criterion, config, device="cpu")
+    result = trainer.train(train_set, val_set, seed=42)   # epochs, batch size, ...: from config
 
 Per batch: forward, loss, backward, step. Per epoch: validate, call the callbacks
 (metrics.csv, wandb, Optuna), keep the best weights, stop early or on NaN/inf,
@@ -18,7 +18,6 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any, Callable, Iterator
 
 import torch
@@ -86,6 +85,7 @@ class Trainer:
         self.history: list[dict] = []
         self.elapsed = 0.0                   # training seconds before this process took over
         self.stop_requested = False          # set by SIGINT/SIGTERM, checked between batches
+        self.loaders: dict = {}              # (dataset id, batch size) -> (its batches, its DataLoader)
 
     # ---- data
 
@@ -112,21 +112,35 @@ class Trainer:
                                                                           device=self.device))[rank::world]
                 yield tuple(t[index] for t in data)
         else:
+            yield from self.loader_batches(data, batch_size, generator, skip)
+
+    def loader_batches(self, dataset: Dataset, batch_size: int, generator: torch.Generator | None,
+                       skip: int) -> Iterator[tuple]:
+        """A general dataset through a DataLoader. We draw each epoch's batches ourselves,
+        exactly as DataLoader(shuffle=True, generator=...) would (its workers' base seed,
+        then the order), so one process, every DDP rank and a resumed run see the same
+        batches; each rank takes its share. The DataLoader is built once per dataset, so
+        that `persistent_workers` really keeps its workers from one epoch to the next."""
+        key = (id(dataset), batch_size)
+        if key not in self.loaders:
             o = self.options
-            workers = dict(num_workers=o.num_workers, pin_memory=o.pin_memory, persistent_workers=o.persistent_workers)
-            if world > 1:  # the same global batches as one process would draw, shared out by rank
-                seeds = None
-                if generator is not None:  # a DataLoader draws its workers' base seed before the order
-                    base_seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
-                    seeds = torch.Generator().manual_seed(base_seed)
-                sampler = RandomSampler(data, generator=generator) if generator is not None else SequentialSampler(data)
-                shares = [b[rank::world] for b in BatchSampler(sampler, batch_size, drop_last=False) if len(b) >= world]
-                loader = DataLoader(data, batch_sampler=shares[skip:], generator=seeds, **workers)
-            else:
-                loader = islice(DataLoader(data, batch_size=batch_size, shuffle=generator is not None,
-                                           generator=generator, **workers), skip, None)
-            for batch in loader:
-                yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+            epoch_batches = _EpochBatches()
+            # A generator of its own: a loader never draws from the global RNG (dropout's).
+            self.loaders[key] = (epoch_batches, DataLoader(
+                dataset, batch_sampler=epoch_batches, generator=torch.Generator(), num_workers=o.num_workers,
+                pin_memory=o.pin_memory, persistent_workers=o.persistent_workers))
+        epoch_batches, loader = self.loaders[key]
+        if generator is not None:
+            base_seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
+            loader.generator = torch.Generator().manual_seed(base_seed)  # the workers' seeds
+            sampler = RandomSampler(dataset, generator=generator)
+        else:
+            sampler = SequentialSampler(dataset)
+        rank, world = self.rank, self.world  # a last global batch smaller than the world is dropped
+        epoch_batches.batches = [b[rank::world] for b in BatchSampler(sampler, batch_size, drop_last=False)
+                                 if len(b) >= world][skip:]
+        for batch in loader:
+            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     # ---- one epoch
 
@@ -301,3 +315,17 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+class _EpochBatches:
+    """The batch_sampler of a DataLoader that lives across epochs: the current epoch's
+    batches, set before each pass (a DataLoader reads its batch_sampler anew each pass)."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
