@@ -1,12 +1,14 @@
-"""Training: the shipped data, seeding, the `Trainer` loop and `run()`, which
-trains one model per seed and writes runs/<project>/<group>/<seed>/.
+"""The shipped data and `run()`, which trains one model per seed with the `Trainer`
+and writes runs/<project>/<group>/<seed>/ (metrics.csv, checkpoints, result.json, wandb).
 
     from config import RunConfig
     from util import run
     result = run(RunConfig.from_yaml("configs/run_template.yaml"))
 
-What you may change: `load_data` (or point `data:` elsewhere), and the step in
-`Trainer.train_epoch` if your model needs more than `criterion(model(x), y)`.
+The loop itself is in trainer.py (`Trainer.train_epoch`: forward, loss, backward, step).
+What you may change: `load_data` (or point `data:` at your own function), and the step
+in `Trainer.train_epoch` if your model needs more than `criterion(model(x), y)`.
+Seeding and the deterministic switch are in reproducibility.py.
 """
 from __future__ import annotations
 
