@@ -1,19 +1,14 @@
 """main.py as a user runs it: the shipped entry point end to end, and bad input."""
 import csv
+import subprocess
+import sys
 import textwrap
 
 import pytest
 import torch
 
 from config import RunConfig
-from conftest import ROOT, run_main, write_yaml
-
-
-def test_help_lists_options(workdir):
-    result = run_main("--help", cwd=workdir)
-    assert result.returncode == 0
-    for option in ("--run_config", "--optimize_config", "--device"):
-        assert option in result.stdout
+from conftest import ROOT, child_env, run_main, write_yaml
 
 
 def test_train_writes_every_file_and_refuses_to_overwrite(workdir, tiny):
@@ -89,17 +84,15 @@ def test_all_seeds_diverging_is_reported(workdir, tiny):
 
 
 def test_optuna_and_wandb_load_only_when_used(workdir, tiny):
-    import subprocess
-    import sys
     write_yaml(workdir / "c.yaml", tiny)
     probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import main\n"
              "code = main.main(sys.argv[1:]) if sys.argv[1:] != ['--help'] else None\n"
              "print(code, sorted(m for m in ('torch', 'optuna', 'wandb', 'matplotlib') if m in sys.modules))")
     trained = subprocess.run([sys.executable, "-c", probe, "--run_config", "c.yaml"], cwd=workdir,
-                             capture_output=True, text=True, timeout=120)
+                             env=child_env(), capture_output=True, text=True, timeout=120)
     assert trained.stdout.strip().splitlines()[-1] == "0 ['torch']", trained.stderr
     parsed_only = subprocess.run([sys.executable, "-c", probe, "--help"],
-                                 cwd=workdir, capture_output=True, text=True, timeout=60)
+                                 cwd=workdir, env=child_env(), capture_output=True, text=True, timeout=60)
     assert parsed_only.stdout.strip().splitlines()[-1] == "None []"  # importing main.py loads no torch
 
 

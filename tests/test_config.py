@@ -1,5 +1,4 @@
 """RunConfig / OptimizeConfig: loading, round trips, naming and every kind of bad input."""
-from pathlib import Path
 
 import pytest
 import yaml

@@ -3,11 +3,8 @@ and the classification example (metrics beyond the loss)."""
 import csv
 import json
 import re
-import subprocess
-import sys
 
 import pytest
-import yaml
 
 import analyze
 from config import OptimizeConfig, RunConfig, load_yaml

@@ -3,7 +3,6 @@ the same global batch, write one set of files, exit cleanly, and their checkpoin
 resume in one process (and the other way round)."""
 import csv
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Optuna search through main.py and run_study: resume, seeding, reporting, failures."""
 import optuna
-import pytest
 from optuna.trial import TrialState
 
 from config import OptimizeConfig, RunConfig

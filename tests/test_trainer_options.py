@@ -1,9 +1,11 @@
 """The `trainer:` options on CPU, and the fast in-memory path against a plain loop."""
 import math
+import os
 
 import pytest
 import torch
 
+import checkpoint
 from config import RunConfig
 from conftest import PlainDataset
 from model import MLP
@@ -15,13 +17,15 @@ BASE = {"project": "t", "seeds": [0], "epochs": 3, "batch_size": 8, "net": "mode
         "optimizer_config": {"lr": 0.05}, "data": "util.load_data", "data_config": {"n": 320}}
 
 
-def train(settings=None, seed=0):
-    """Train BASE (+ dotted settings) with the Trainer; returns (history, final state_dict)."""
+def train(settings=None, seed=0, expect_forward=MLP, wrap=lambda dataset: dataset):
+    """Train BASE (+ dotted settings) with the Trainer; returns (history, final state_dict).
+    `expect_forward`: the type the step must call (the compiled module under compile)."""
     config = RunConfig.from_dict(BASE).with_overrides(settings or {})
     set_seed(seed)
     model = config.build_model("cpu")
     trainer = Trainer(model, config.build_optimizer(model), None, config.build_criterion(), config, device="cpu")
-    result = trainer.train(*config.load_data(), seed=seed)
+    assert isinstance(trainer.forward, expect_forward)
+    result = trainer.train(*map(wrap, config.load_data()), seed=seed)
     return result.history, model.state_dict()
 
 
@@ -81,39 +85,41 @@ def test_mixed_precision_trains_on_cpu(precision, workdir):
     config = {**BASE, "group": "amp", "checkpoint_every_s": 0, "wandb": {"mode": "disabled"},
               "trainer": {"precision": precision}}
     done = run(RunConfig.from_dict(config))
-    assert done.seeds[0].status == "completed"
+    state = checkpoint.load(done.group_dir / "0" / "checkpoint.pt")
+    assert ("scale" in state["scaler"]) == (precision == "fp16")  # a scaler only where fp16 needs one
+    longer = run(RunConfig.from_dict({**config, "epochs": 5}), resume=True)
+    assert longer.seeds[0].status == "completed" and longer.seeds[0].epochs_run == 5
 
 
 def test_compile_gives_the_same_numbers():
     eager, _ = train({"epochs": 1})
-    compiled, _ = train({"epochs": 1, "trainer.compile": True})
+    compiled, _ = train({"epochs": 1, "trainer.compile": True}, expect_forward=torch._dynamo.eval_frame.OptimizedModule)
     assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-4)
     assert compiled[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-4)
 
 
-def test_deterministic_flag_is_applied_during_the_run_only(workdir):
-    threads = torch.get_num_threads()
-    seen = []
-    watch = [lambda epoch, metrics: seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))]
-    run(RunConfig.from_dict({**BASE, "group": "det", "epochs": 1, "wandb": {"mode": "disabled"},
-                             "trainer": {"deterministic": True}}), first_seed_callbacks=watch)
-    assert seen == [(1, True)]  # one CPU thread, deterministic kernels: bit-identical across processes
-    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()  # given back
-    run(RunConfig.from_dict({**BASE, "group": "nodet", "epochs": 1, "wandb": {"mode": "disabled"}}),
-        first_seed_callbacks=watch)
-    assert seen[1] == (threads, False)
+class WorkerOnlyDataset(PlainDataset):
+    """Fails outside a DataLoader worker, and writes each worker's process id to `pids`."""
+
+    def __init__(self, inner, pids):
+        super().__init__(inner)
+        self.pids = pids
+
+    def __getitem__(self, i):
+        if torch.utils.data.get_worker_info() is None:
+            raise RuntimeError("loaded in the main process: num_workers was ignored")
+        with open(self.pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return self.inner[i]
 
 
-def test_dataloader_workers_give_the_same_numbers():
-    def with_loader(options):
-        config = RunConfig.from_dict({**BASE, "epochs": 2, "trainer": options})
-        set_seed(0)
-        model = config.build_model("cpu")
-        trainer = Trainer(model, config.build_optimizer(model), None, config.build_criterion(), config, device="cpu")
-        train_set, val_set = config.load_data()
-        return trainer.train(PlainDataset(train_set), PlainDataset(val_set), seed=0).history
-
-    inline = with_loader({})
-    workers = with_loader({"num_workers": 2, "persistent_workers": True, "pin_memory": False})
+@pytest.mark.parametrize("persistent", [False, True])
+def test_dataloader_workers_give_the_same_numbers(tmp_path, persistent):
+    inline, _ = train({"epochs": 3}, wrap=PlainDataset)
+    pids = tmp_path / "pids"
+    options = {"epochs": 3, "trainer.num_workers": 1, "trainer.persistent_workers": persistent}
+    workers, _ = train(options, wrap=lambda dataset: WorkerOnlyDataset(dataset, pids))
     assert [h["train_loss"] for h in inline] == [h["train_loss"] for h in workers]
     assert [h["val_loss"] for h in inline] == [h["val_loss"] for h in workers]
+    # One worker each for training and validation: persistent ones live through all 3 epochs.
+    assert len(set(pids.read_text().split())) == (2 if persistent else 6)

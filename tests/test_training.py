@@ -147,7 +147,7 @@ def test_wandb_is_closed_when_training_crashes(workdir, tiny):
     assert len(read_losses(seed_dir / "metrics.csv")) == 2  # every finished epoch was kept
 
 
-def test_a_deterministic_run_builds_its_data_on_one_thread_and_gives_the_threads_back(workdir, tiny, monkeypatch):
+def test_deterministic_runs_use_one_thread_from_the_data_on_and_give_it_back(workdir, tiny, monkeypatch):
     # The data function runs after the determinism settings: every process builds the same data.
     (workdir / "probe.py").write_text(
         "import torch, util\n"
@@ -157,10 +157,20 @@ def test_a_deterministic_run_builds_its_data_on_one_thread_and_gives_the_threads
         "    return util.load_data(**kwargs)\n")
     monkeypatch.syspath_prepend(str(workdir))
     import probe
+    seen = []
+    watch = [lambda epoch, metrics: seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))]
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    run(RunConfig.from_dict({**tiny, "data": "probe.load", "trainer": {"deterministic": True}}))
-    assert probe.threads == [1]
-    assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+    try:
+        run(RunConfig.from_dict({**tiny, "group": "det", "data": "probe.load", "trainer": {"deterministic": True}}),
+            first_seed_callbacks=watch)
+        assert probe.threads == [1] and set(seen) == {(1, True)}  # one thread and deterministic kernels throughout
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()  # given back
+        seen.clear()
+        run(RunConfig.from_dict({**tiny, "group": "nodet", "data": "probe.load"}), first_seed_callbacks=watch)
+        assert probe.threads == [1, 2] and set(seen) == {(2, False)}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_vector_math_warm_up_covers_every_function_torch_sends_to_mkl():

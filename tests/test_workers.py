@@ -6,7 +6,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
@@ -97,9 +96,7 @@ def postgres():
 
 
 def test_two_workers_share_a_postgresql_study(workdir, tiny, postgres):
-    started = time.time()
     result = search(workdir, tiny, "--storage", postgres)
     assert result.returncode == 0, result.stdout + result.stderr
     study = check_study(workdir, postgres, 6)
     assert f"run folder: {study.best_trial.user_attrs['run_dir']}" in result.stdout
-    assert time.time() - started < 200
