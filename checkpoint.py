@@ -2,9 +2,10 @@
 that make a resumed run continue exactly where the original would have gone.
 
     save(path, state)        # temporary file, flush, fsync, rename, fsync the folder
+    write_text(path, text)   # the same for the text files a run writes (config, JSON)
     state = load(path)       # torch.load(weights_only=True): never runs pickled code
 
-A process killed during `save` leaves the previous file intact (the rename is the
+A process killed during a write leaves the previous file intact (the rename is the
 only step that replaces it, and it is atomic on POSIX file systems).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -21,10 +22,18 @@ from config import ConfigError
 
 
 def save(path: Path, state: Any) -> None:
+    _write_atomically(path, lambda f: torch.save(state, f))
+
+
+def write_text(path: Path, text: str) -> None:
+    _write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

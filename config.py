@@ -426,8 +426,10 @@ class RunConfig:
         return _to_plain(self)
 
     def to_yaml(self, path: str | Path, comment: str = "") -> None:
+        """Written atomically: a crash never leaves half a config where a run expects one."""
+        import checkpoint  # here, not at the top: checkpoint imports this module (and torch)
         header = "".join(f"# {line}\n" for line in comment.splitlines())
-        Path(path).write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        checkpoint.write_text(Path(path), header + yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def group_name(self) -> str:
         """The run folder's name: unique to what the config trains. Keys that only say how

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -17,6 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+
+import checkpoint
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 PACKAGES = ("torch", "numpy", "optuna", "wandb", "pyyaml", "tqdm", "matplotlib")
@@ -55,7 +58,7 @@ def start(group_dir: Path, config_hash: str, device: str, overrides: list[str]) 
     """Append this invocation to provenance.json and return its entry (see finish)."""
     status = _git("status", "--porcelain")
     entry = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),  # quoted: it can be pasted back
         "overrides": list(overrides),
         "config_hash": config_hash,
         "git_commit": _git("rev-parse", "HEAD"),
@@ -91,6 +94,4 @@ def _append(path: Path, config_hash: str, entry: dict, replace_last: bool = Fals
         data["invocations"][-1] = entry
     else:
         data["invocations"].append(entry)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    checkpoint.write_text(path, json.dumps(data, indent=2) + "\n")

@@ -144,8 +144,7 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
             try:
                 group_dir.mkdir(parents=True, exist_ok=True)
                 comment = f"merged from {config.source}" + (f"\noverrides: {' '.join(overrides)}" if overrides else "")
-                config.with_overrides({"group": group}).to_yaml(group_dir / ".config.yaml.tmp", comment=comment)
-                os.replace(group_dir / ".config.yaml.tmp", group_dir / "config.yaml")
+                config.with_overrides({"group": group}).to_yaml(group_dir / "config.yaml", comment=comment)
                 record = provenance.start(group_dir, config.config_hash(), device, list(overrides))
             except OSError as e:
                 raise ConfigError(str(group_dir), "", f"cannot write the run folder: {e.strerror or e}") from None
@@ -272,9 +271,7 @@ def _nearest_group(config: RunConfig, project_dir: Path) -> tuple[str, list[str]
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    checkpoint.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _wandb_mode(mode: str) -> str:
