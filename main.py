@@ -53,19 +53,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _without_workers(argv: list[str]) -> list[str]:
-    """The command line minus --workers K (a worker runs the same command as one process)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--workers":
-            skip = True
-        elif not arg.startswith("--workers="):
-            out.append(arg)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Import paths in the YAML (net: mymodels.Net) resolve from the current folder too.
@@ -101,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 0  # not rank 0: rank 0 reports
             elif args.workers > 1:
                 command = argv if argv is not None else sys.argv[1:]
-                study = run_workers(_without_workers(command), args.workers, run_config, opt_config)
+                study = run_workers(command, args.workers, run_config, opt_config)
             else:
                 study = run_study(run_config, opt_config)
             text, best_path = report_best(study, run_config)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 import distributed
 from config import OptimizeConfig, RunConfig
@@ -116,11 +116,8 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study
                 raise RuntimeError("surplus trial")  # recorded as failed; it does not count
             return objective(trial)
 
-        def stop_when_full(study: optuna.Study, trial: FrozenTrial) -> None:
-            # Finished or running anywhere: what every worker sees, so they stop together.
-            if len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= opt_config.trials:
-                study.stop()
-
+        # Finished or running anywhere: what every worker sees, so they stop together.
+        stop_when_full = optuna.study.MaxTrialsCallback(opt_config.trials, states=(*FINISHED, TrialState.RUNNING))
         study.optimize(claimed, n_trials=remaining, catch=(Exception,), callbacks=[stop_when_full])
     return study
 
@@ -163,7 +160,7 @@ def run_workers(argv: list[str], workers: int, run_config: RunConfig, opt_config
     CPU threads are divided between them, each gets one GPU (round robin) where there
     are GPUs, and each writes its output to runs/<project>/<study>_worker<i>.log.
     """
-    study = open_study(run_config, opt_config)  # created once, before the workers race to
+    study = open_study(run_config, opt_config)  # created once, before the workers race to create it
     threads = max(1, (os.cpu_count() or 1) // workers)
     gpus = torch.cuda.device_count()
     logs, procs = [], []
@@ -177,6 +174,7 @@ def run_workers(argv: list[str], workers: int, run_config: RunConfig, opt_config
         log.parent.mkdir(parents=True, exist_ok=True)
         logs.append(log)
         with open(log, "w") as out:
+            # The same command as one worker: argparse takes the last --workers given.
             procs.append(subprocess.Popen([sys.executable, str(Path(__file__).with_name("main.py")), *argv,
                                            "--workers", "1"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL))
