@@ -48,14 +48,12 @@ def seeds_in(group_dir: Path) -> list[str]:
 
 def load_model(group_dir: Path, seed: str, device: str):
     """(config, model with trained weights) from a run folder."""
-    import torch
-
-    import reproducibility  # noqa: F401  (importing it settles oneMKL's first calls: see there)
+    import checkpoint
     from config import RunConfig
     config = RunConfig.from_yaml(group_dir / "config.yaml")
     model = config.build_model(device)
     # weights_only: a weights file never runs code, whoever wrote it.
-    model.load_state_dict(torch.load(group_dir / seed / "model.pt", map_location=device, weights_only=True))
+    model.load_state_dict(checkpoint.load(group_dir / seed / "model.pt", device))
     model.eval()
     return config, model
 

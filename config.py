@@ -494,6 +494,7 @@ class RunConfig:
         return _call(self, "criterion", **self.criterion_config)
 
     def load_data(self) -> tuple[Any, Any]:
+        import reproducibility  # noqa: F401  (importing it works around a oneMKL race before any data is built)
         datasets = _call(self, "data", **self.data_config)
         if not (isinstance(datasets, tuple) and len(datasets) == 2):
             raise ConfigError(self.source, "data",

@@ -50,8 +50,8 @@ def determinism(deterministic: bool, device: str) -> Iterator[None]:
 # about one process in ten: the shipped data's sin(4πx) was off by up to 1.5e-4 on half
 # of the points, so two processes (or two DDP ranks) trained on different data. A
 # one-element call per function and precision, on one thread, settles every choice first.
-# It runs when this module is imported (util imports it), so run(), analyze.py, preflight
-# and the benchmarks all get it before they build data. Drop it once torch bundles oneMKL 2025.0 or newer.
+# It runs when this module is imported, which RunConfig.load_data does before it calls the
+# data function: every run, analysis, preflight and benchmark gets it before any data. Drop it once torch bundles oneMKL 2025.0 or newer.
 _VECTOR_MATH = (torch.acos, torch.asin, torch.atan, torch.cos, torch.erf, torch.erfc, torch.erfinv, torch.exp,
                 torch.log, torch.log2, torch.log10, torch.sin, torch.sqrt, torch.tan, torch.tanh, torch.trunc)
 
