@@ -9,14 +9,15 @@ Exit status 0 when every check passes, 1 when one fails (it is named), 2 for a b
 from __future__ import annotations
 
 import math
-import resource
+import sys
 import time
 
 import torch
 
 from config import RunConfig
 from reproducibility import set_seed
-from util import Trainer, _build
+from trainer import Trainer
+from util import _build
 
 
 def check_shapes(pred: torch.Tensor, target: torch.Tensor) -> str | None:
@@ -45,7 +46,7 @@ def preflight(config: RunConfig) -> int:
     stage = "forward"
     try:  # user code runs here: a crash is a failed check with its name, not a traceback
         model.train()
-        with torch.autocast(trainer.device_type, trainer.autocast_dtype, enabled=trainer.autocast_dtype is not None):
+        with trainer.autocast():  # the same precision as the training step
             pred = trainer.forward(x)
             shape_problem = check_shapes(pred, y)
             if shape_problem:
@@ -65,15 +66,19 @@ def preflight(config: RunConfig) -> int:
             failures.append("gradients non-zero: every gradient is zero (or missing)")
         stage = "optimizer step"
         optimizer.step()
-        if not any(not torch.equal(b, p) for b, p in zip(before, model.parameters())):
+        if all(torch.equal(b, p) for b, p in zip(before, model.parameters())):
             failures.append("optimizer step: no parameter changed")
     except Exception as e:
         failures.append(f"{stage}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
     if device.startswith("cuda"):
         memory = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA, peak allocated)"
+    elif sys.platform != "win32":
+        import resource  # Unix only; ru_maxrss is in KiB on Linux, in bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+        memory = f"{peak:.0f} MiB (process, peak resident)"
     else:
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process, peak resident)"
+        memory = "-"
     rows = [
         ("config", config.source),
         ("device", device),
