@@ -398,8 +398,11 @@ class RunConfig:
         """{"val_<name>": fn} for each path in `metrics`; fn(pred, target) -> batch mean."""
         functions = {}
         for i, path in enumerate(self.metrics):
+            name = f"val_{path.rsplit('.', 1)[-1]}"
+            if name in functions or name == "val_loss":  # one column each, and never in place of the loss
+                raise ConfigError(self.source, f"metrics[{i}]", f"{path} would be a second {name} column")
             try:
-                functions[f"val_{path.rsplit('.', 1)[-1]}"] = resolve(path)
+                functions[name] = resolve(path)
             except ImportError as e:
                 raise ConfigError(self.source, f"metrics[{i}]", str(e)) from None
         return functions

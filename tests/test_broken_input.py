@@ -57,6 +57,8 @@ CASES = [
     ("no-criterion", {"criterion": "torch.nn.MSE"}, None, "c.yaml: criterion: module 'torch.nn' has no"),
     ("no-data", {"data": "util.load_dataa"}, None, "c.yaml: data: module 'util' has no attribute"),
     ("not-a-path", {"net": "MLP"}, None, "c.yaml: net: 'MLP' is not an import path"),
+    ("metric-named-loss", {"metrics": ["torch.nn.functional.mse_loss", "util.accuracy", "util.accuracy"]}, None,
+     "c.yaml: metrics[2]: util.accuracy would be a second val_accuracy column"),
     ("model-raises", {"net": "raising.Net"}, None, "c.yaml: net_config: raising.Net rejected it: ValueError"),
     ("model-import-fails", {"net": "broken_import.Net"}, None, "c.yaml: net: importing"),
     ("net-config-rejected", {"net_config": {"nodes": 8}}, None, "c.yaml: net_config: model.MLP rejected it"),
