@@ -18,15 +18,16 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import checkpoint
 import distributed
+from batches import Batches
 from config import RunConfig
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, metrics) after each epoch; may raise to stop
@@ -65,6 +66,9 @@ class Trainer:
             module = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
         # What the step runs: the compiled model if asked (its weights are the model's own).
         self.forward = torch.compile(module) if self.options.compile else module
+        # How batches are drawn (in-memory tensors by index, anything else by DataLoader): batches.py
+        self.batches = Batches(device, self.options, self.rank, self.world)
+        self.on_device = self.batches.on_device
         self.device_type = torch.device(device).type
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.options.precision]
         # A disabled torch.autocast still costs ~3.5 µs to enter and leave, every step:
@@ -85,62 +89,6 @@ class Trainer:
         self.history: list[dict] = []
         self.elapsed = 0.0                   # training seconds before this process took over
         self.stop_requested = False          # set by SIGINT/SIGTERM, checked between batches
-        self.loaders: dict = {}              # (dataset id, batch size) -> (its batches, its DataLoader)
-
-    # ---- data
-
-    def on_device(self, dataset: Dataset) -> Any:
-        """A TensorDataset moves to the device once; anything else stays a Dataset."""
-        if isinstance(dataset, TensorDataset):
-            return tuple(t.to(self.device) for t in dataset.tensors)
-        return dataset
-
-    def batches(self, data: Any, batch_size: int, generator: torch.Generator | None = None,
-                skip: int = 0) -> Iterator[tuple]:
-        """In-memory tensors are sliced by index on the device (no per-sample Python work);
-        any other dataset goes through a DataLoader. `generator` shuffles; `skip` resumes."""
-        rank, world = self.rank, self.world
-        if isinstance(data, tuple):
-            n = len(data[0])
-            order = torch.randperm(n, generator=generator).to(self.device) if generator is not None else None
-            for start in range(skip * batch_size, n, batch_size):
-                index = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
-                if world > 1:  # this rank's share; a last batch smaller than the world is dropped
-                    if min(batch_size, n - start) < world:
-                        break
-                    index = (index if order is not None else torch.arange(start, min(start + batch_size, n),
-                                                                          device=self.device))[rank::world]
-                yield tuple(t[index] for t in data)
-        else:
-            yield from self.loader_batches(data, batch_size, generator, skip)
-
-    def loader_batches(self, dataset: Dataset, batch_size: int, generator: torch.Generator | None,
-                       skip: int) -> Iterator[tuple]:
-        """A general dataset through a DataLoader. We draw each epoch's batches ourselves,
-        exactly as DataLoader(shuffle=True, generator=...) would (its workers' base seed,
-        then the order), so one process, every DDP rank and a resumed run see the same
-        batches; each rank takes its share. The DataLoader is built once per dataset, so
-        that `persistent_workers` really keeps its workers from one epoch to the next."""
-        key = (id(dataset), batch_size)
-        if key not in self.loaders:
-            o = self.options
-            epoch_batches = _EpochBatches()
-            # A generator of its own: a loader never draws from the global RNG (dropout's).
-            self.loaders[key] = (epoch_batches, DataLoader(
-                dataset, batch_sampler=epoch_batches, generator=torch.Generator(), num_workers=o.num_workers,
-                pin_memory=o.pin_memory, persistent_workers=o.persistent_workers))
-        epoch_batches, loader = self.loaders[key]
-        if generator is not None:
-            base_seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
-            loader.generator = torch.Generator().manual_seed(base_seed)  # the workers' seeds
-            sampler = RandomSampler(dataset, generator=generator)
-        else:
-            sampler = SequentialSampler(dataset)
-        rank, world = self.rank, self.world  # a last global batch smaller than the world is dropped
-        epoch_batches.batches = [b[rank::world] for b in BatchSampler(sampler, batch_size, drop_last=False)
-                                 if len(b) >= world][skip:]
-        for batch in loader:
-            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     # ---- one epoch
 
@@ -315,17 +263,3 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-
-
-class _EpochBatches:
-    """The batch_sampler of a DataLoader that lives across epochs: the current epoch's
-    batches, set before each pass (a DataLoader reads its batch_sampler anew each pass)."""
-
-    def __init__(self):
-        self.batches: list[list[int]] = []
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
