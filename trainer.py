@@ -9,6 +9,9 @@ step the scheduler, and hand a checkpoint to `on_checkpoint` at most every
 `checkpoint_every_s` seconds (always after the last epoch, and on SIGINT/SIGTERM).
 Everything the loop needs to continue is in `state_dict()`, so a resumed run
 continues bit for bit, even from the middle of an epoch.
+
+What you may change: the step in `train_epoch` (forward, loss, backward, step), if your
+model needs more than `criterion(model(x), y)`. Batches come from batches.py.
 """
 from __future__ import annotations
 
