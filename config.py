@@ -595,13 +595,15 @@ class OptimizeConfig:
                 raise ConfigError(self.source, f"search_space.{dotted}", e.message) from None
 
     def name_for(self, run_config: RunConfig) -> str:
-        """The study name: given, or a hash of everything but `trials` (so raising
-        `trials` and rerunning continues the same study)."""
+        """The study name: given, or a hash of what the trials train (so raising `trials`,
+        or rerunning with another --device, storage or wandb mode continues the same study)."""
         if self.study_name:
             return self.study_name
         data = {k: v for k, v in _to_plain(self).items()
                 if k not in ("trials", "storage", "heartbeat_interval", "grace_period")}
-        data["run_config"] = run_config.to_dict()
+        # seeds and epochs stay in: they change what a trial's value means
+        data["run_config"] = {k: v for k, v in run_config.to_dict().items()
+                              if k not in ("group", "device", "wandb", "checkpoint_every_s")}
         return f"{run_config.net.rsplit('.', 1)[-1]}_search_{_short_hash(data)}"
 
     def build_sampler(self) -> Any:

@@ -179,9 +179,13 @@ def test_search_keys_must_exist_in_run_config(tiny):
         opt.check_against(RunConfig.from_dict(tiny))
 
 
-def test_study_name_ignores_trials_only(tiny):
+def test_study_name_ignores_how_long_and_where_only(tiny):
     run_config = RunConfig.from_dict(tiny)
     a = OptimizeConfig.from_dict({"trials": 3, "search_space": SPACE})
     b = OptimizeConfig.from_dict({"trials": 9, "search_space": SPACE})
     c = OptimizeConfig.from_dict({"trials": 3, "seed": 1, "search_space": SPACE})
     assert a.name_for(run_config) == b.name_for(run_config) != c.name_for(run_config)
+    elsewhere = run_config.with_overrides({"device": "auto", "wandb.mode": "offline", "checkpoint_every_s": 5})
+    assert a.name_for(elsewhere) == a.name_for(run_config)  # --device or logging: the same study
+    for changed in ({"epochs": 9}, {"seeds": [1, 2]}, {"optimizer_config.lr": 0.5}):  # other trials
+        assert a.name_for(run_config.with_overrides(changed)) != a.name_for(run_config)
