@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-RUNS_DIR = Path("runs")
+from engine.folders import RUNS_DIR
 
 
 def choose(what: str, options: list[str]) -> str:
@@ -48,10 +48,10 @@ def seeds_in(group_dir: Path) -> list[str]:
 
 def load_model(group_dir: Path, seed: str, device: str):
     """(config, model with trained weights) from a run folder."""
-    import checkpoint
     from config import RunConfig
+    from engine import checkpoint
     config = RunConfig.from_yaml(group_dir / "config.yaml")
-    model = config.build_model(device)
+    model = config.create_model(device)
     # weights_only: a weights file never runs code, whoever wrote it.
     model.load_state_dict(checkpoint.load(group_dir / seed / "model.pt", device))
     model.eval()
@@ -59,8 +59,8 @@ def load_model(group_dir: Path, seed: str, device: str):
 
 
 def validation_loss(config, model, val_set, device: str) -> float:
-    from util import Trainer
-    trainer = Trainer(model, None, None, config.build_criterion(), config, device=device)
+    from engine.trainer import Trainer
+    trainer = Trainer(model, None, config.trainer_settings(), criterion=config.create_criterion(), device=device)
     return trainer.evaluate(trainer.on_device(val_set))["val_loss"]
 
 

@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Import paths in the YAML (net: mymodels.Net) resolve from the current folder too.
     sys.path.insert(1, os.getcwd())
-    from config import ConfigError, OptimizeConfig, RunConfig, parse_override  # after --help: keeps it instant
+    # Imported after --help has been answered, which so stays instant (no torch).
+    from config import OptimizeConfig, RunConfig
+    from engine.errors import ConfigError
+    from engine.loader import parse_override
 
     try:
         run_config = RunConfig.from_yaml(args.run_config)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             run_config = run_config.with_overrides(overrides, source=f"{args.run_config} (with {' '.join(flags)})")
         if args.preflight:
-            from preflight import preflight
+            from engine.preflight import preflight
             return preflight(run_config)
         if args.optimize_config:
             opt_config = OptimizeConfig.from_yaml(args.optimize_config)
@@ -78,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers < 1:
                 raise ConfigError("--workers", "", f"must be at least 1, got {args.workers}")
             opt_config.check_against(run_config)
-            run_config.resolve_device()
-            from search import report_best, run_study, run_study_distributed, run_workers
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every trial on all ranks
-                import distributed
+            run_config.check_device()
+            from engine import distributed
+            from engine.search import report_best, run_study, run_study_distributed, run_workers
+            if distributed.world_size() > 1:  # torchrun: every trial on all ranks
                 study = run_study_distributed(run_config, opt_config)
                 distributed.teardown()
                 if study is None:
@@ -94,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             text, best_path = report_best(study, run_config)
             print(text)
             return 0 if best_path else 1
-        import distributed
-        from util import run
+        from engine import distributed
+        from engine.run import run
         try:
             result = run(run_config, resume=args.resume, overrides=flags)
         finally:

@@ -1,12 +1,12 @@
-"""Benchmark: does our predicted-final-loss pruner (pruner.PFLPruner) find as good
+"""Benchmark: does our predicted-final-loss pruner (engine.pruner.PFLPruner) find as good
 a configuration as Optuna's MedianPruner while training fewer epochs?
 
     python bench/search.py [--trials 12] [--repeats 3] [--epochs 50]
 
 Run it from the repository root. It runs the same fixed-budget Optuna search on
-the shipped task three ways, through the project's own `search.run_study`:
+the shipped task three ways, through the project's own `engine.search.run_study`:
 
-    pfl     pruner.PFLPruner with the pruner_config of configs/optimize_template.yaml
+    pfl     engine.pruner.PFLPruner with the pruner_config of configs/optimize_template.yaml
     median  optuna.pruners.MedianPruner, n_startup_trials and n_warmup_steps set
             to PFL's n_startup_trials and n_warmup_epochs
     none    no pruning (the reference: what the budget finds unpruned)
@@ -46,10 +46,9 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-import search  # noqa: E402
-import util  # noqa: E402
+from engine import search  # noqa: E402
 from config import OptimizeConfig, RunConfig, load_yaml  # noqa: E402
-from pruner import PFLPruner  # noqa: E402
+from engine.pruner import PFLPruner  # noqa: E402
 
 RUN_TEMPLATE = REPO_ROOT / "configs" / "run_template.yaml"
 OPTIMIZE_TEMPLATE = REPO_ROOT / "configs" / "optimize_template.yaml"
@@ -97,7 +96,7 @@ def pruner_settings(template: dict) -> dict[str, tuple[str | None, dict]]:
     ours = dict(template.get("pruner_config") or {})
     built = PFLPruner(**ours)  # its defaults fill what the template leaves out
     median = {"n_startup_trials": built.n_startup_trials, "n_warmup_steps": built.n_warmup_epochs}
-    return {"pfl": ("pruner.PFLPruner", ours),
+    return {"pfl": ("engine.pruner.PFLPruner", ours),
             "median": ("optuna.pruners.MedianPruner", median),
             "none": (None, {})}
 
@@ -160,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     run_config = bench_run_config(args.epochs)
     template = load_yaml(OPTIMIZE_TEMPLATE)
     workdir = Path(tempfile.mkdtemp(prefix="bench_search_"))
-    # search.py imported RUNS_DIR by name, so both modules need the new folder.
-    util.RUNS_DIR = search.RUNS_DIR = workdir / "runs"
+    here = os.getcwd()
+    os.chdir(workdir)  # runs/ is relative: the trials' folders go there
     print(f"{args.trials} trials per search, {run_config.epochs} epochs per trial, "
-          f"seed {run_config.seeds[0]}, device {run_config.resolve_device()}; "
+          f"seed {run_config.seeds[0]}, device {run_config.device}; "
           f"PFL {pruner_settings(template)['pfl'][1]}, Median {pruner_settings(template)['median'][1]}",
           flush=True)
     start = time.perf_counter()
@@ -174,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             all_results.append(results)
             print(seed_table(seed, results, run_config.monitor), flush=True)
     finally:
+        os.chdir(here)
         shutil.rmtree(workdir, ignore_errors=True)
     print(summary(all_results, run_config.monitor, run_config.mode == "min"))
     print(f"bench wall time: {time.perf_counter() - start:.0f} s")

@@ -9,7 +9,7 @@ its model, data, AdamW settings and cosine schedule), for each batch size it tim
 three loops, interleaved (every repeat runs all three, in a rotating order) and
 repeated, in this one process:
 
-    a  template   util.run(config): one seed, wandb disabled, no early stopping,
+    a  template   engine.run.run(config): one seed, wandb disabled, no early stopping,
                   E epochs (below). Seconds per epoch = the `wall_time` of the last
                   row of metrics.csv / epochs. wall_time starts at the training loop,
                   so building the model and the data is left out, while validation
@@ -60,9 +60,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import reproducibility  # noqa: E402
-import util  # noqa: E402
 from config import RunConfig  # noqa: E402
+from engine import reproducibility  # noqa: E402
+from engine.run import run  # noqa: E402
 
 METHODS = ("a", "b", "c")
 MIN_STEPS = 256  # optimizer steps per run, at least, unless --epochs says otherwise
@@ -90,14 +90,18 @@ def sync(device: str) -> None:
 # --------------------------------------------------------------------------- (a) the template
 
 def time_template(config: RunConfig, runs_dir: Path, group: str) -> float:
-    """util.run on the config; seconds per epoch from metrics.csv's last wall_time."""
-    util.RUNS_DIR = runs_dir
+    """engine.run.run on the config; seconds per epoch from metrics.csv's last wall_time."""
     config = config.with_overrides({"group": group}, source="bench")
-    # The progress bar still formats every update; only its terminal write goes to
-    # /dev/null, so that 3 x repeats x batch sizes bars do not bury the report.
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-        result = util.run(config)
-    with open(Path(result.seeds[0].run_dir) / "metrics.csv", newline="") as f:
+    here = os.getcwd()
+    os.chdir(runs_dir.parent)  # runs/ is relative to the current folder
+    try:
+        # The progress bar still formats every update; only its terminal write goes to
+        # /dev/null, so that 3 x repeats x batch sizes bars do not bury the report.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            result = run(config)
+    finally:
+        os.chdir(here)
+    with open(runs_dir.parent / result.seeds[0].run_dir / "metrics.csv", newline="") as f:
         last = list(csv.DictReader(f))[-1]
     return float(last["wall_time"]) / int(last["epoch"])
 
@@ -107,9 +111,9 @@ def time_template(config: RunConfig, runs_dir: Path, group: str) -> float:
 def build(config: RunConfig, device: str) -> tuple:
     """The same model, optimizer, scheduler and criterion the template builds, same seed."""
     reproducibility.set_seed(config.seeds[0])
-    model = config.build_model(device)
-    optimizer = config.build_optimizer(model)
-    return model, optimizer, config.build_scheduler(optimizer), config.build_criterion()
+    model = config.create_model(device)
+    optimizer = config.create_optimizer(model)
+    return model, optimizer, config.create_scheduler(optimizer), config.create_criterion()
 
 
 def time_plain(config: RunConfig, data: tuple, device: str) -> float:

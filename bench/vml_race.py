@@ -1,5 +1,5 @@
 """How often a fresh process computes the shipped data wrongly, with and without
-reproducibility.warm_up_vector_math (see its comment: oneMKL's first-call race, pytorch/pytorch#188792).
+engine.reproducibility.warm_up_vector_math (see its comment: oneMKL's first-call race, pytorch/pytorch#188792).
 
     python bench/vml_race.py [--processes 100] [--parallel 1]
 
@@ -24,7 +24,7 @@ import math, sys
 sys.path.insert(0, {root!r})
 import torch
 if {warm}:
-    import reproducibility  # imported, it warms up (and a second call costs nothing)
+    from engine import reproducibility  # imported, it warms up (and a second call costs nothing)
     reproducibility.warm_up_vector_math()
 x = torch.rand(10_000, 1, generator=torch.Generator().manual_seed(0))
 wrong = 0

@@ -8,8 +8,8 @@ import pytest
 import analyze
 from config import OptimizeConfig, RunConfig
 from conftest import ROOT
-from search import run_study
-from util import run
+from engine.search import run_study
+from engine.run import run
 
 
 def png(path):

@@ -80,7 +80,7 @@ CASES = [
     ("opt-no-sampler", {}, {"sampler": "optuna.samplers.BestSampler"}, "o.yaml: sampler: module 'optuna.samplers'"),
     ("opt-no-pruner", {}, {"pruner": "optuna.pruners.Median"}, "o.yaml: pruner: module 'optuna.pruners'"),
     ("opt-sampler-kwarg", {}, {"sampler_config": {"n_startup": 3}}, "o.yaml: sampler_config:"),
-    ("opt-pruner-rejects", {}, {"pruner_config": {"top_k": 0}}, "o.yaml: pruner_config: pruner.PFLPruner rejected"),
+    ("opt-pruner-rejects", {}, {"pruner_config": {"top_k": 0}}, "o.yaml: pruner_config: engine.pruner.PFLPruner rejected"),
     ("opt-unknown-space-key", {}, {"search_space": {"net_config": {"nodez": {"type": "int", "min": 1, "max": 2}}}},
      "o.yaml: search_space.net_config.nodez:"),
     ("opt-zero-trials", {}, {"trials": 0}, "o.yaml: trials: must be a positive integer"),

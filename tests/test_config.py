@@ -128,16 +128,16 @@ def test_missing_key(tmp_path, tiny):
 def test_model_rejecting_net_config_names_net_config(tiny):
     config = RunConfig.from_dict({**tiny, "net_config": {"nodes": 8}}, source="c.yaml")
     with pytest.raises(ConfigError, match=r"c.yaml: net_config: model.MLP rejected it: KeyError: 'layers'"):
-        config.build_model("cpu")
+        config.create_model()
 
 
 def test_explicit_cuda_without_cuda_is_an_error(tiny):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert RunConfig.from_dict({**tiny, "device": "auto"}).resolve_device() == "cpu"
+    assert RunConfig.from_dict({**tiny, "device": "auto"}).device == "cpu"
     with pytest.raises(ConfigError, match="device: 'cuda' requested but CUDA is not available"):
-        RunConfig.from_dict({**tiny, "device": "cuda"}).resolve_device()
+        RunConfig.from_dict({**tiny, "device": "cuda"}).check_device()
 
 
 SPACE = {"optimizer_config": {"lr": {"type": "float", "min": 1e-4, "max": 1e-2, "log": True}}}
@@ -157,7 +157,7 @@ BAD_OPT = [
     ({"sampler": "optuna.samplers.NoSuchSampler"}, "sampler", "has no attribute 'NoSuchSampler'"),
     ({"sampler": "optuna.samplers.GridSampler"}, "search_space.optimizer_config.lr", "categorical"),
     ({"sampler_config": {"n_startup_trails": 3}}, "sampler_config", "did you mean 'n_startup_trials'"),
-    ({"pruner": "pruner.NoPruner"}, "pruner", "has no attribute 'NoPruner'"),
+    ({"pruner": "engine.pruner.NoPruner"}, "pruner", "has no attribute 'NoPruner'"),
     ({"trials": 0}, "trials", "positive"),
     ({"trails": 3}, "trails", "did you mean 'trials'"),
 ]

@@ -9,8 +9,8 @@ import pytest
 import analyze
 from config import OptimizeConfig, RunConfig, load_yaml
 from conftest import ROOT, run_main, write_yaml
-from search import run_study
-from util import run
+from engine.search import run_study
+from engine.run import run
 
 
 def test_set_overrides_nested_keys_and_records_them(workdir, tiny):

@@ -6,7 +6,7 @@ import numpy as np
 import optuna
 import pytest
 
-from pruner import PFLPruner, fit_exponential, predict_final
+from engine.pruner import PFLPruner, fit_exponential, predict_final
 
 STEPS = list(range(1, 21))
 
@@ -119,7 +119,7 @@ def test_prediction_from_finished_curves():
     import optuna
     from optuna.distributions import FloatDistribution
 
-    from pruner import predict_from_finished
+    from engine.pruner import predict_from_finished
     finished = [optuna.trial.create_trial(value=final, params={"x": 0.5},
                                           distributions={"x": FloatDistribution(0, 1)},
                                           intermediate_values={s: curve(final, s) for s in range(1, 31)})

@@ -14,7 +14,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import checkpoint
+from engine import checkpoint
 from config import ConfigError, load_yaml
 from conftest import ROOT, child_env, run_main, write_yaml
 

@@ -4,7 +4,7 @@ from optuna.trial import TrialState
 
 from config import OptimizeConfig, RunConfig
 from conftest import run_main, write_yaml
-from search import run_study
+from engine.search import run_study
 
 SPACE = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 3e-2, "log": True}},
          "batch_size": {"type": "categorical", "choices": [32, 64]},

@@ -5,26 +5,33 @@ import os
 import pytest
 import torch
 
-import checkpoint
 from config import RunConfig
 from conftest import PlainDataset
+from engine import checkpoint
+from engine.reproducibility import set_seed
+from engine.run import run
+from engine.trainer import LossStep, Trainer
 from model import MLP
-from reproducibility import set_seed
-from util import Trainer, load_data, run
+from util import load_data
 
 BASE = {"project": "t", "seeds": [0], "epochs": 3, "batch_size": 8, "net": "model.MLP",
         "net_config": {"nodes": 8, "layers": 2}, "optimizer": "torch.optim.SGD",
         "optimizer_config": {"lr": 0.05}, "data": "util.load_data", "data_config": {"n": 320}}
 
 
-def train(settings=None, seed=0, expect_forward=MLP, wrap=lambda dataset: dataset):
+def make_trainer(config):
+    model = config.create_model()
+    return model, Trainer(model, config.create_optimizer(model), config.trainer_settings(),
+                          criterion=config.create_criterion())
+
+
+def train(settings=None, seed=0, expect_step=LossStep, wrap=lambda dataset: dataset):
     """Train BASE (+ dotted settings) with the Trainer; returns (history, final state_dict).
-    `expect_forward`: the type the step must call (the compiled module under compile)."""
+    `expect_step`: the type the step must call (the compiled loss step under compile)."""
     config = RunConfig.from_dict(BASE).with_overrides(settings or {})
     set_seed(seed)
-    model = config.build_model("cpu")
-    trainer = Trainer(model, config.build_optimizer(model), None, config.build_criterion(), config, device="cpu")
-    assert isinstance(trainer.forward, expect_forward)
+    model, trainer = make_trainer(config)
+    assert isinstance(trainer.loss_step, expect_step)
     result = trainer.train(*map(wrap, config.load_data()), seed=seed)
     return result.history, model.state_dict()
 
@@ -66,9 +73,8 @@ def test_gradient_clipping_bounds_each_step():
     config = RunConfig.from_dict({**BASE, "epochs": 1, "batch_size": 320, "optimizer_config": {"lr": 1.0},
                                   "trainer": {"grad_clip": 1e-3}})
     set_seed(0)
-    model = config.build_model("cpu")
+    model, trainer = make_trainer(config)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    trainer = Trainer(model, config.build_optimizer(model), None, config.build_criterion(), config, device="cpu")
     trainer.train_epoch(trainer.on_device(config.load_data()[0]))  # one batch: one step
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert 0 < (after - before).norm().item() <= 1e-3 * (1 + 1e-4)  # lr x clip
@@ -93,7 +99,7 @@ def test_mixed_precision_trains_on_cpu(precision, workdir):
 
 def test_compile_gives_the_same_numbers():
     eager, _ = train({"epochs": 1})
-    compiled, _ = train({"epochs": 1, "trainer.compile": True}, expect_forward=torch._dynamo.eval_frame.OptimizedModule)
+    compiled, _ = train({"epochs": 1, "trainer.compile": True}, expect_step=torch._dynamo.eval_frame.OptimizedModule)
     assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-4)
     assert compiled[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-4)
 

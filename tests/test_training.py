@@ -11,22 +11,20 @@ from torch.utils.data import TensorDataset
 
 from config import RunConfig
 from conftest import PlainDataset
+from engine import reproducibility
+from engine.reproducibility import set_seed
+from engine.run import run
+from engine.trainer import Settings, Trainer
 from model import MLP
-import reproducibility
-from reproducibility import set_seed
-from util import Trainer, load_data, run
-
-
-BASE = {"project": "t", "seeds": [0], "epochs": 5, "batch_size": 4, "net": "model.MLP",
-        "optimizer": "torch.optim.SGD", "data": "util.load_data"}
+from util import load_data
 
 
 def make_trainer(model, lr=1e-2, scheduler=None, **settings):
-    """A Trainer with SGD; `settings` are RunConfig keys (dotted for sections)."""
+    """A Trainer as a notebook builds one: a model, SGD and a few numbers (Settings' keys)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scheduler = scheduler(optimizer) if scheduler else None
-    config = RunConfig.from_dict(BASE).with_overrides(settings)
-    return Trainer(model, optimizer, scheduler, torch.nn.MSELoss(), config, device="cpu")
+    return Trainer(model, optimizer, Settings(**{"epochs": 5, "batch_size": 4, **settings}),
+                   scheduler=scheduler, criterion=torch.nn.MSELoss())
 
 
 def test_losses_are_per_sample_means_not_per_batch():
@@ -45,7 +43,7 @@ def test_early_stopping_keeps_and_reports_the_best_epoch():
     train_set, val_set = load_data(n=200)
     model = MLP({"nodes": 8, "layers": 2})
     # The learning rate grows 4x per epoch: the loss improves, then gets worse.
-    trainer = make_trainer(model, lr=1e-2, epochs=30, batch_size=32, **{"early_stopping.patience": 2},
+    trainer = make_trainer(model, lr=1e-2, epochs=30, batch_size=32, patience=2,
                            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 4.0 ** e))
     result = trainer.train(train_set, val_set, seed=0)
     val_losses = [h["val_loss"] for h in result.history]
@@ -59,10 +57,10 @@ def test_early_stopping_keeps_and_reports_the_best_epoch():
 
 
 def test_max_mode_and_min_delta():
-    trainer = make_trainer(MLP({"nodes": 2, "layers": 1}), mode="max", **{"early_stopping.min_delta": 0.5})
+    trainer = make_trainer(MLP({"nodes": 2, "layers": 1}), mode="max", min_delta=0.5)
     trainer.best = 1.0
     assert trainer.improved(2.0) and not trainer.improved(1.4)
-    trainer = make_trainer(MLP({"nodes": 2, "layers": 1}), mode="min", **{"early_stopping.min_delta": 0.5})
+    trainer = make_trainer(MLP({"nodes": 2, "layers": 1}), mode="min", min_delta=0.5)
     trainer.best = 1.0
     assert trainer.improved(0.4) and not trainer.improved(0.6)
 
@@ -122,7 +120,7 @@ def test_wandb_offline_runs_are_written_grouped_per_seed(workdir, tiny):
 
 
 def test_wandb_auto_is_offline_without_credentials(workdir, tmp_path, monkeypatch):
-    from util import _wandb_mode
+    from engine.wandb_run import wandb_mode as _wandb_mode
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.delenv("NETRC", raising=False)
     assert _wandb_mode("auto") == "offline"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
+from engine import checkpoint
+from engine.folders import TEMPLATE_DIR
 
-TEMPLATE_DIR = Path(__file__).resolve().parent
 PACKAGES = ("torch", "numpy", "optuna", "wandb", "pyyaml", "tqdm", "matplotlib")
 
 
@@ -94,4 +94,4 @@ def _append(path: Path, config_hash: str, entry: dict, replace_last: bool = Fals
         data["invocations"][-1] = entry
     else:
         data["invocations"].append(entry)
-    checkpoint.write_text(path, json.dumps(data, indent=2) + "\n")
+    checkpoint.write_json(path, data)

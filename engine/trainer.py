@@ -1,20 +1,22 @@
 """The training loop: one model, one seed, read top to bottom.
 
-    trainer = Trainer(model, optimizer, scheduler, criterion, config, device="cpu")
-    result = trainer.train(train_set, val_set, seed=42)   # epochs, batch size, ...: from config
+    settings = Settings(epochs=20, batch_size=64)        # or run_config.trainer_settings()
+    trainer = Trainer(model, optimizer, settings, criterion=torch.nn.MSELoss(), device="cpu")
+    result = trainer.train(train_set, val_set, seed=42)  # a SeedResult: status, best value, history
 
-Per batch: forward, loss, backward, step. Per epoch: validate, call the callbacks
-(metrics.csv, wandb, Optuna), keep the best weights, stop early or on NaN/inf,
-step the scheduler, and hand a checkpoint to `on_checkpoint` at most every
-`checkpoint_every_s` seconds (always after the last epoch, and on SIGINT/SIGTERM).
-Everything the loop needs to continue is in `state_dict()`, so a resumed run
-continues bit for bit, even from the middle of an epoch.
+Per batch: the loss step, backward, optimizer step. Per epoch: validate, call the callbacks
+(metrics.csv, wandb, Optuna), keep the best weights, stop early or on NaN/inf, step the
+scheduler, and hand a checkpoint to `on_checkpoint` at most every `checkpoint_every_s`
+seconds (always after the last epoch, and on SIGINT/SIGTERM). Everything the loop needs to
+continue is in `state_dict()`, so a resumed run continues bit for bit, even mid-epoch.
 
-What you may change: the step in `train_epoch` (forward, loss, backward, step), if your
-model needs more than `criterion(model(x), y)`. Batches come from batches.py.
+The loss of a batch is computed in one place, `LossStep`: `model.loss(x, y, criterion)` when
+your model defines it (in model.py), else `criterion(model(x), y)`. Training, validation and
+--preflight all use it, so a loss with extra terms never needs an edit here.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 import threading
@@ -28,72 +30,125 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import checkpoint
-import distributed
-from batches import Batches
-from config import RunConfig
+from engine import checkpoint, distributed
+from engine.batches import Batches
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, metrics) after each epoch; may raise to stop
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What the loop needs to know, and nothing else (RunConfig.trainer_settings() fills it)."""
+    epochs: int
+    batch_size: int                      # per optimizer step (the global batch under torchrun)
+    monitor: str = "val_loss"            # train_loss, val_loss or val_<metric>: picks the best weights
+    mode: str = "min"                    # min | max
+    patience: int | None = None          # early stopping: epochs without improvement; None = never
+    min_delta: float = 0.0               # an improvement must beat the best by more than this
+    checkpoint_every_s: float = 10.0     # hand over a checkpoint at most this often (0: every epoch)
+    metrics: dict[str, Callable] = field(default_factory=dict)  # {"val_<name>": fn(pred, target)}
+    precision: str = "fp32"              # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
+    compile: bool = False                # torch.compile the loss step
+    grad_clip: float | None = None
+    grad_accum: int = 1                  # micro-batches per optimizer step
+    val_batch_size: int | None = None    # None: batch_size
+    num_workers: int = 0                 # DataLoader settings, for datasets that are not
+    pin_memory: bool = False             # in-memory tensors
+    persistent_workers: bool = False
+
+
 @dataclass
-class TrainResult:
+class SeedResult:
+    seed: int
     status: str                  # completed | early_stopped | diverged
     best_value: float            # of the monitored metric, at best_epoch
     best_epoch: int
     epochs_run: int
-    history: list[dict] = field(default_factory=list)
+    run_dir: str | None = None   # where run() wrote it
+    history: list[dict] = field(default_factory=list, repr=False)  # one metrics dict per epoch
+
+
+def has_own_loss(model: torch.nn.Module) -> bool:
+    """Whether the model's class defines `loss(self, x, y, criterion)`."""
+    return inspect.isfunction(getattr(type(model), "loss", None))
+
+
+class LossStep(torch.nn.Module):
+    """The loss of one batch, the one place it is computed: `model.loss(x, y, criterion)` when
+    the model defines it, else `criterion(model(x), y)`. A module, so that DDP and
+    torch.compile wrap the whole step. With `prediction`, it also returns `model(x)` (what
+    metrics see); otherwise None."""
+
+    def __init__(self, model: torch.nn.Module, criterion: Callable):
+        super().__init__()
+        self.model, self.criterion, self.own_loss = model, criterion, has_own_loss(model)
+
+    def forward(self, x: Any, y: Any, prediction: bool = False) -> tuple[torch.Tensor, Any]:
+        if self.own_loss:
+            return self.model.loss(x, y, self.criterion), (self.model(x) if prediction else None)
+        pred = self.model(x)
+        return self.criterion(pred, y), pred
 
 
 class Trainer:
-    """Trains one model; see the module docstring. A plain class: no base, no hooks by type.
+    """Trains one model; see the module docstring. A plain class: no base, no hooks by type."""
 
-    The loop settings come from the RunConfig: epochs, batch_size, monitor, mode,
-    early_stopping and the `trainer:` section (precision, compile, clipping, ...).
-    """
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 criterion: Callable, config: RunConfig, *, device: str,
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, settings: Settings, *,
+                 scheduler: Any = None, criterion: Callable | None = None, device: str = "cpu",
                  callbacks: list[EpochCallback] = (), on_checkpoint: Callable[[dict], None] | None = None):
-        self.model, self.optimizer, self.scheduler, self.criterion = model, optimizer, scheduler, criterion
-        self.config, self.options, self.device = config, config.trainer, device
-        self.epochs, self.batch_size, self.mode = config.epochs, config.batch_size, config.mode
-        self.val_batch_size = self.options.val_batch_size or config.batch_size
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.criterion = criterion if criterion is not None else torch.nn.MSELoss()
+        self.settings, self.device = settings, device
+        self.val_batch_size = settings.val_batch_size or settings.batch_size
         self.callbacks, self.on_checkpoint = list(callbacks), on_checkpoint
-        self.metrics = config.metric_functions()  # {"val_accuracy": fn(pred, target)}, computed in evaluate
         # Under torchrun each rank trains on its share of every global batch (DDP averages
         # the gradients); without it there is no process group and nothing changes.
         self.rank, self.world = distributed.rank(), distributed.world_size() if distributed.initialized() else 1
-        module = model
+        step = LossStep(model, self.criterion)
         if self.world > 1:
-            module = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-        # What the step runs: the compiled model if asked (its weights are the model's own).
-        self.forward = torch.compile(module) if self.options.compile else module
+            step = DistributedDataParallel(step, device_ids=[device] if device.startswith("cuda") else None)
+        self.loss_step = torch.compile(step) if settings.compile else step
         # How batches are drawn (in-memory tensors by index, anything else by DataLoader): batches.py
-        self.batches = Batches(device, self.options, self.rank, self.world)
+        self.batches = Batches(device, settings, self.rank, self.world)
         self.on_device = self.batches.on_device
         self.device_type = torch.device(device).type
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.options.precision]
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.precision]
         # A disabled torch.autocast still costs ~3.5 µs to enter and leave, every step:
         # fp32 runs use no context at all.
         self.autocast = (lambda: torch.autocast(self.device_type, self.autocast_dtype)) \
             if self.autocast_dtype is not None else nullcontext
         # fp16 gradients underflow without loss scaling; when disabled the scaler is a pass-through.
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.options.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=settings.precision == "fp16")
         # Where training stands. All of it goes into a checkpoint.
         self.generator = torch.Generator()   # the shuffling order
         self.epoch = 0                       # epochs finished
         self.batch = 0                       # batches finished in the current epoch (after an interrupt)
         self.epoch_order_state = None        # generator state when the current epoch drew its order
         self.loss_sum, self.loss_count = None, 0
-        self.best = math.inf if config.mode == "min" else -math.inf
+        self.best = math.inf if settings.mode == "min" else -math.inf
         self.best_epoch, self.best_state = 0, None
         self.status = "running"
         self.history: list[dict] = []
         self.elapsed = 0.0                   # training seconds before this process took over
         self.stop_requested = False          # set by SIGINT/SIGTERM, checked between batches
 
-    # ---- one epoch
+    # ---- one batch, one epoch
+
+    def train_step(self, x: Any, y: Any, micro_batches: int = 1) -> torch.Tensor:
+        """Forward, loss and backward of one batch, one of `micro_batches` whose gradients the
+        next optimizer step sums (so each counts 1/micro_batches). Returns the batch's loss."""
+        with self.autocast():
+            loss, _ = self.loss_step(x, y)
+        self.scaler.scale(loss if micro_batches == 1 else loss / micro_batches).backward()
+        return loss
+
+    def optimizer_step(self) -> None:
+        if self.settings.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def train_epoch(self, data: Any) -> float | None:
         """The per-sample mean training loss, or None when a signal stopped it part-way."""
@@ -104,11 +159,9 @@ class Trainer:
             self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
         else:  # resuming mid-epoch: draw the same order again, then skip what was done
             self.generator.set_state(self.epoch_order_state)
-        accumulate = self.options.grad_accum
-        for x, y in self.batches(data, self.batch_size, self.generator, skip=self.batch):
-            with self.autocast():
-                loss = self.criterion(self.forward(x), y)
-            self.scaler.scale(loss if accumulate == 1 else loss / accumulate).backward()
+        accumulate = self.settings.grad_accum
+        for x, y in self.batches(data, self.settings.batch_size, self.generator, skip=self.batch):
+            loss = self.train_step(x, y, accumulate)
             self.batch += 1
             if self.batch % accumulate == 0:
                 self.optimizer_step()
@@ -120,56 +173,50 @@ class Trainer:
             self.optimizer_step()  # the epoch's last, shorter accumulation
         self.batch = 0
         if self.world > 1:  # one reduction per epoch: the global per-sample mean
-            total = distributed.sum_across_ranks(torch.stack([self.loss_sum, self.loss_sum.new_tensor(self.loss_count)]))
+            count = self.loss_sum.new_tensor(self.loss_count)
+            total = distributed.sum_across_ranks(torch.stack([self.loss_sum, count]))
             return (total[0] / total[1]).item()
         return (self.loss_sum / self.loss_count).item()
-
-    def optimizer_step(self) -> None:
-        if self.options.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
 
     @torch.inference_mode()
     def evaluate(self, data: Any) -> dict[str, float]:
         """{"val_loss": ..., "val_<metric>": ...}: per-sample means over the validation data."""
         self.model.eval()
-        totals, count = torch.zeros(1 + len(self.metrics), device=self.device), 0
+        metrics = self.settings.metrics
+        totals, count = torch.zeros(1 + len(metrics), device=self.device), 0
         for x, y in self.batches(data, self.val_batch_size):
             with self.autocast():
-                pred = self.forward(x)
-                values = [self.criterion(pred, y)] + [metric(pred, y) for metric in self.metrics.values()]
+                loss, pred = self.loss_step(x, y, bool(metrics))
+                values = [loss] + [metric(pred, y) for metric in metrics.values()]
             totals += torch.stack([v.float() for v in values]) * len(y)
             count += len(y)
         if self.world > 1:  # every rank saw a share: add them up
             summed = distributed.sum_across_ranks(torch.cat([totals, totals.new_tensor([count])]))
             totals, count = summed[:-1], summed[-1]
         means = (totals / count).tolist()  # one host sync per evaluation
-        return dict(zip(["val_loss", *self.metrics], means))
+        return dict(zip(["val_loss", *metrics], means))
 
     def improved(self, value: float) -> bool:
-        min_delta = self.config.early_stopping.min_delta
-        return value < self.best - min_delta if self.mode == "min" else value > self.best + min_delta
+        min_delta = self.settings.min_delta
+        return value < self.best - min_delta if self.settings.mode == "min" else value > self.best + min_delta
 
     # ---- the loop
 
     def train(self, train_set: Dataset, val_set: Dataset, seed: int, desc: str = "",
-              resume_from: dict | None = None) -> TrainResult:
+              resume_from: dict | None = None) -> SeedResult:
+        settings = self.settings
         train_data, val_data = self.on_device(train_set), self.on_device(val_set)
         self.generator.manual_seed(seed)
         if resume_from is not None:
             self.load_state_dict(resume_from)
         started, last_saved = time.perf_counter(), time.monotonic()
-        patience = self.config.early_stopping.patience
         # A checkpoint of a seed that already stopped (early, or diverged) has nothing left to run.
-        remaining = range(self.epoch + 1, self.epochs + 1) if self.status == "running" else range(0)
+        remaining = range(self.epoch + 1, settings.epochs + 1) if self.status == "running" else range(0)
         # Only rank 0 draws a bar. `disable` is not passed otherwise, so that tqdm's own
         # TQDM_DISABLE=1 (tqdm reads TQDM_* defaults from the environment) still hides it.
         hidden = {"disable": True} if self.rank != 0 else {}
-        bar = tqdm(remaining, initial=self.epoch, total=self.epochs, desc=desc, unit="epoch", dynamic_ncols=True,
-                   **hidden)
+        bar = tqdm(remaining, initial=self.epoch, total=settings.epochs, desc=desc, unit="epoch",
+                   dynamic_ncols=True, **hidden)
         with self.stop_on_signals():
             for epoch in bar:
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -187,14 +234,14 @@ class Trainer:
                 bar.set_postfix(train_loss=f"{train_loss:.4g}", val_loss=f"{val_loss:.4g}", refresh=False)
                 for callback in self.callbacks:  # metrics.csv, wandb, Optuna (may raise TrialPruned)
                     callback(epoch, metrics)
-                value = metrics[self.config.monitor]
+                value = metrics[settings.monitor]
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                     self.status = "diverged"
                     break
                 if self.improved(value):
                     self.best, self.best_epoch = value, epoch
                     self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                elif patience is not None and epoch - self.best_epoch >= patience:
+                elif settings.patience is not None and epoch - self.best_epoch >= settings.patience:
                     self.status = "early_stopped"
                     break
                 if self.scheduler is not None:
@@ -202,7 +249,7 @@ class Trainer:
                         self.scheduler.step(value)
                     else:
                         self.scheduler.step()
-                if time.monotonic() - last_saved >= self.config.checkpoint_every_s:
+                if time.monotonic() - last_saved >= settings.checkpoint_every_s:
                     self.save_checkpoint(started)
                     last_saved = time.monotonic()
         bar.close()
@@ -211,7 +258,7 @@ class Trainer:
         self.save_checkpoint(started)  # always after the last epoch
         if self.best_state is not None:  # hand back the best weights, not the last ones
             self.model.load_state_dict(self.best_state)
-        return TrainResult(self.status, self.best, self.best_epoch, self.epoch, self.history)
+        return SeedResult(seed, self.status, self.best, self.best_epoch, self.epoch, history=self.history)
 
     # ---- checkpoints and signals
 
@@ -241,7 +288,7 @@ class Trainer:
             setattr(self, key, state[key])
         self.generator.set_state(state["generator"])
         checkpoint.set_rng_states(state["rng"])
-        if self.status == "completed" and self.epoch < self.epochs:
+        if self.status == "completed" and self.epoch < self.settings.epochs:
             self.status = "running"  # `epochs` was raised: train longer
 
     def stop_agreed(self) -> bool:

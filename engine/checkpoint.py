@@ -3,6 +3,7 @@ that make a resumed run continue exactly where the original would have gone.
 
     save(path, state)        # temporary file, flush, fsync, rename, fsync the folder
     write_text(path, text)   # the same for the text files a run writes (config, JSON)
+    write_json(path, data)
     state = load(path)       # torch.load(weights_only=True): never runs pickled code
 
 A process killed during a write leaves the previous file intact (the rename is the
@@ -10,6 +11,7 @@ only step that replaces it, and it is atomic on POSIX file systems).
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import IO, Any, Callable
 import numpy as np
 import torch
 
-from config import ConfigError
+from engine.errors import ConfigError
 
 
 def save(path: Path, state: Any) -> None:
@@ -27,6 +29,10 @@ def save(path: Path, state: Any) -> None:
 
 def write_text(path: Path, text: str) -> None:
     _write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:

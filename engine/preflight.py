@@ -1,6 +1,7 @@
-"""Pre-flight check: build data, model, optimizer, scheduler and criterion, run one
-batch forward, backward and optimizer step on the chosen device, check it, and
-print a short table. Nothing is written: no run folder, no wandb run.
+"""Pre-flight check: build data, model, optimizer, scheduler and criterion, run one batch
+through the Trainer's own training step (the loss step, backward, optimizer step) on the
+chosen device, check it, and print a short table. Nothing is written: no run folder, no
+wandb run.
 
     python main.py --run_config configs/run_template.yaml --preflight
 
@@ -11,13 +12,16 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from config import RunConfig
-from reproducibility import set_seed
-from trainer import Trainer
-from util import _build
+from engine.reproducibility import set_seed
+from engine.run import build
+from engine.trainer import Trainer
+
+if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
+    from config import RunConfig
 
 
 def check_shapes(pred: torch.Tensor, target: torch.Tensor) -> str | None:
@@ -26,17 +30,35 @@ def check_shapes(pred: torch.Tensor, target: torch.Tensor) -> str | None:
         if pred.shape != target.shape:
             return f"output {tuple(pred.shape)} vs target {tuple(target.shape)}: a loss would broadcast them"
     elif pred.ndim != target.ndim + 1 or pred.shape[0] != target.shape[0]:  # class indices
-        return f"output {tuple(pred.shape)} vs class-index target {tuple(target.shape)}: expected (batch, classes)"
+        return (f"output {tuple(pred.shape)} vs class-index target {tuple(target.shape)}: "
+                "expected (batch, classes)")
     return None
 
 
+def peak_memory(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA, peak allocated)"
+    if sys.platform == "win32":
+        return "-"
+    import resource  # Unix only; ru_maxrss is in KiB on Linux, in bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    return f"{peak:.0f} MiB (process, peak resident)"
+
+
+def describe(tensor: torch.Tensor | None) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}" if tensor is not None else "-"
+
+
 def preflight(config: RunConfig) -> int:
+    """One checked training step of `config`; prints the table, returns the exit status."""
     started = time.perf_counter()
-    device = config.resolve_device()
+    config.check_device()
+    device = config.device
     train_set, _ = config.load_data()
     set_seed(config.seeds[0])
-    model, optimizer, scheduler, criterion = _build(config, device)
-    trainer = Trainer(model, optimizer, scheduler, criterion, config, device=device)
+    model, optimizer, scheduler, criterion = build(config, device)
+    trainer = Trainer(model, optimizer, config.trainer_settings(), scheduler=scheduler, criterion=criterion,
+                      device=device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     x, y = next(trainer.batches(trainer.on_device(train_set), config.batch_size, torch.Generator().manual_seed(0)))
@@ -46,49 +68,39 @@ def preflight(config: RunConfig) -> int:
     stage = "forward"
     try:  # user code runs here: a crash is a failed check with its name, not a traceback
         model.train()
-        with trainer.autocast():  # the same precision as the training step
-            pred = trainer.forward(x)
-            shape_problem = check_shapes(pred, y)
-            if shape_problem:
-                failures.append(f"output shape: {shape_problem}")
-            stage = "loss"
-            loss = criterion(pred, y)
+        with trainer.autocast(), torch.no_grad():  # what metrics see, in the training precision
+            pred = model(x)
+        shape_problem = check_shapes(pred, y)
+        if shape_problem:
+            failures.append(f"output shape: {shape_problem}")
+        stage = "loss and backward"
+        loss = trainer.train_step(x, y)  # the training step itself: the loss step, then backward
         if not math.isfinite(loss.item()):
             failures.append(f"loss finite: the loss is {loss.item()}")
-        stage = "backward"
-        trainer.scaler.scale(loss).backward()
-        trainer.scaler.unscale_(optimizer)  # true gradients (a no-op without fp16)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else 0.0
+        # The gradients are still scaled under fp16 (the scaler unscales inside the step).
+        norms = torch.stack([g.float().norm() for g in grads]) if grads else torch.zeros(1)
+        grad_norm = torch.linalg.vector_norm(norms).item() / trainer.scaler.get_scale()
         if not math.isfinite(grad_norm):
             failures.append(f"gradients finite: the gradient norm is {grad_norm}")
         elif grad_norm == 0.0:
             failures.append("gradients non-zero: every gradient is zero (or missing)")
         stage = "optimizer step"
-        optimizer.step()
+        trainer.optimizer_step()
         if all(torch.equal(b, p) for b, p in zip(before, model.parameters())):
             failures.append("optimizer step: no parameter changed")
     except Exception as e:
         failures.append(f"{stage}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
-    if device.startswith("cuda"):
-        memory = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA, peak allocated)"
-    elif sys.platform != "win32":
-        import resource  # Unix only; ru_maxrss is in KiB on Linux, in bytes on macOS
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-        memory = f"{peak:.0f} MiB (process, peak resident)"
-    else:
-        memory = "-"
     rows = [
         ("config", config.source),
         ("device", device),
         ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
-        ("batch", f"x {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}, "
-                  f"y {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')}"),
-        ("output", f"{tuple(pred.shape)} {str(pred.dtype).removeprefix('torch.')}" if pred is not None else "-"),
+        ("batch", f"x {describe(x)}, y {describe(y)}"),
+        ("output", describe(pred)),
         ("loss", f"{loss.item():.6g}" if loss is not None else "-"),
         ("gradient norm", f"{grad_norm:.6g}" if grad_norm is not None else "-"),
-        ("peak memory", memory),
+        ("peak memory", peak_memory(device)),
         ("seconds", f"{time.perf_counter() - started:.2f}"),
     ]
     for name, value in rows:

@@ -1,4 +1,4 @@
-"""Hyperparameter search: an Optuna study whose trials are ordinary `util.run` calls.
+"""Hyperparameter search: an Optuna study whose trials are ordinary `engine.run.run` calls.
 
     python main.py --run_config configs/run_template.yaml \\
                    --optimize_config configs/optimize_template.yaml
@@ -17,24 +17,22 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
-import distributed
-from config import OptimizeConfig, RunConfig
-from util import RUNS_DIR, run
+from engine import distributed
+from engine.folders import RUNS_DIR, TEMPLATE_DIR
+from engine.run import run
+from engine.search_space import suggest
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
+    from config import OptimizeConfig, RunConfig
 
-
-def suggest(trial: optuna.Trial, name: str, spec: dict):
-    if spec["type"] == "categorical":
-        return trial.suggest_categorical(name, spec["choices"])
-    suggest_number = trial.suggest_int if spec["type"] == "int" else trial.suggest_float
-    return suggest_number(name, spec["min"], spec["max"], log=spec.get("log", False),
-                          **({"step": spec["step"]} if "step" in spec else {}))
+# Trials that count towards `trials`; failed ones do not, so a rerun tops them up.
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def open_storage(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.storages.BaseStorage:
@@ -91,10 +89,10 @@ def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name
 
 def open_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study:
     """Create the study, or load it when it exists (a rerun, or another worker)."""
-    pruner = opt_config.build_pruner()
+    pruner = opt_config.create_pruner()
     return optuna.create_study(
         storage=open_storage(run_config, opt_config), study_name=opt_config.name_for(run_config),
-        sampler=opt_config.build_sampler(), pruner=pruner or optuna.pruners.NopPruner(),
+        sampler=opt_config.create_sampler(), pruner=pruner or optuna.pruners.NopPruner(),
         direction=run_config.direction, load_if_exists=True)
 
 
@@ -102,14 +100,14 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study
     """Create or continue the study and run it until it has `trials` finished trials.
     Several processes may run this on one study at once (see run_workers)."""
     study = open_study(run_config, opt_config)
-    remaining = opt_config.trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    remaining = opt_config.trials - len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
     if remaining > 0:
         objective = make_objective(run_config, opt_config, study.study_name)
 
         def claimed(trial: optuna.Trial) -> float:
             # Workers check before asking for a trial (below), but two can ask at once:
             # the trials beyond the first `trials` live ones step back, so none is extra.
-            live = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+            live = study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
             if sum(t.number < trial.number for t in live) >= opt_config.trials:
                 trial.set_user_attr("reason", "surplus: other workers already hold the study's trials")
                 study.stop()
@@ -117,7 +115,7 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study
             return objective(trial)
 
         # Finished or running anywhere: what every worker sees, so they stop together.
-        stop_when_full = optuna.study.MaxTrialsCallback(opt_config.trials, states=(*FINISHED, TrialState.RUNNING))
+        stop_when_full = optuna.study.MaxTrialsCallback(opt_config.trials, states=(*FINISHED_STATES, TrialState.RUNNING))
         study.optimize(claimed, n_trials=remaining, catch=(Exception,), callbacks=[stop_when_full])
     return study
 
@@ -144,7 +142,8 @@ def follow_rank0(run_config: RunConfig, opt_config: OptimizeConfig) -> None:
 
 def run_study_distributed(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study | None:
     """A search under torchrun: every trial trains with all ranks; rank 0 runs the study."""
-    distributed.setup(run_config.resolve_device())
+    run_config.check_device()
+    distributed.setup(run_config.device)
     if distributed.rank() != 0:
         follow_rank0(run_config, opt_config)
         return None
@@ -175,7 +174,7 @@ def run_workers(argv: list[str], workers: int, run_config: RunConfig, opt_config
         logs.append(log)
         with open(log, "w") as out:
             # The same command as one worker: argparse takes the last --workers given.
-            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).with_name("main.py")), *argv,
+            procs.append(subprocess.Popen([sys.executable, str(TEMPLATE_DIR / "main.py"), *argv,
                                            "--workers", "1"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL))
     print(f"{workers} workers on study {study.study_name}; logs: {', '.join(map(str, logs))}", flush=True)

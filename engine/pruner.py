@@ -1,7 +1,7 @@
 """The predicted-final-loss (PFL) pruner: stop a trial whose final value, predicted
 at the current epoch, cannot come near the best finished trial.
 
-    pruner: pruner.PFLPruner
+    pruner: engine.pruner.PFLPruner
     pruner_config: {n_startup_trials: 4, n_warmup_epochs: 8, top_k: 1}
 
 At epoch s, with the trial's best value so far B(s), the final value is predicted

@@ -1,0 +1,22 @@
+"""The template's machinery. You should not need to edit anything in here: your model goes in
+model.py, your data and metrics in util.py, your experiment in a YAML file under configs/.
+
+    errors.py           ConfigError: bad input, reported as one line naming the file and the key
+    resolve.py          the one import-path resolver, and the check of keyword arguments
+    loader.py           YAML in, typed dataclasses out: coercion, overrides, hashes
+    trainer.py          Trainer: the loop, read top to bottom, and its one loss step
+    batches.py          how the loop draws batches (in-memory tensors, DataLoader, torchrun ranks)
+    run.py              run(): one model per seed, and what each seed writes
+    folders.py          runs/<project>/<group>/: where results go, and the checks before writing
+    wandb_run.py        one wandb run per seed, offline without credentials
+    checkpoint.py       atomic writes, weights-only loads, RNG states
+    reproducibility.py  seeding, the deterministic switch, a oneMKL workaround
+    distributed.py      torchrun's process group and the few collectives the loop needs
+    search.py           the Optuna study whose trials are run() calls
+    pruner.py           PFLPruner, the predicted-final-loss pruner
+    preflight.py        --preflight: one checked batch through the real training step
+    provenance.py       provenance.json: how to reproduce a group
+
+Nothing in here imports your files (main, config, model, util, analyze): your code reaches
+the engine through the import paths in your config. Importing the package imports no torch.
+"""

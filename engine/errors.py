@@ -1,0 +1,11 @@
+"""The one error type for bad user input. A leaf module: it imports nothing of ours, so
+every other module may import it without forming an import circle."""
+
+
+class ConfigError(Exception):
+    """Bad user input, reported as `<source>: <key>: <message>`; main.py prints it as one
+    line and exits with status 2."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source, self.key, self.message = source, key, message
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")

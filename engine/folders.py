@@ -1,0 +1,55 @@
+"""Where results go, runs/<project>/<group>/<seed>/, and the checks made before anything is
+written there: results are never overwritten, and a resume never mixes two configs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.errors import ConfigError
+
+if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
+    from config import RunConfig
+
+RUNS_DIR = Path("runs")                            # relative: results land where you run from
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent  # main.py, and the git checkout provenance reads
+# The statuses of a seed that has nothing left to train (unless `epochs` is raised).
+FINISHED_STATUSES = ("completed", "early_stopped", "diverged")
+
+
+def check_group(config: RunConfig, group_dir: Path, resume: bool) -> None:
+    """Refuse, before writing anything, to overwrite results or to resume another config.
+    The saved config is read back with the class of `config`."""
+    if group_dir.exists() and not group_dir.is_dir():
+        raise ConfigError(config.source, "project", f"{group_dir} exists and is not a folder")
+    for parent in (RUNS_DIR, RUNS_DIR / config.project):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(str(parent), "", "exists and is not a folder, so runs cannot be written there")
+    started = [str(s) for s in config.seeds if (group_dir / str(s)).exists()]
+    saved = group_dir / "config.yaml"
+    if not resume:
+        if started:
+            raise ConfigError(config.source, "seeds",
+                              f"{group_dir}/ already holds seed(s) {', '.join(started)}; results are never "
+                              "overwritten: pass --resume to continue unfinished seeds (finished ones are "
+                              "kept), or delete that folder to train again")
+    elif not saved.exists():
+        nearest = nearest_group(config, group_dir.parent)
+        hint = f"; the nearest, {nearest[0]}, differs in {', '.join(nearest[1])}" if nearest else ""
+        raise ConfigError(config.source, "group", f"nothing to resume at {group_dir}/{hint}")
+    if saved.exists():
+        differing = type(config).from_yaml(saved).differences(config)
+        if differing:
+            raise ConfigError(config.source, differing[0],
+                              f"{group_dir}/ was trained with a different config (differs in "
+                              f"{', '.join(differing)}); only {', '.join(config.run_only_keys)} may change")
+
+
+def nearest_group(config: RunConfig, project_dir: Path) -> tuple[str, list[str]] | None:
+    """The saved group whose config differs from `config` in the fewest keys, and those keys."""
+    candidates = []
+    for saved in sorted(project_dir.glob("*/config.yaml")):
+        try:
+            candidates.append((saved.parent.name, type(config).from_yaml(saved).differences(config)))
+        except ConfigError:
+            continue
+    return min(candidates, key=lambda c: len(c[1])) if candidates else None

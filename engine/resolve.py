@@ -1,0 +1,95 @@
+"""The one door from a config to objects: `resolve("pkg.mod.Name")` for every import path a
+YAML file names (net, optimizer, scheduler, criterion, data, metrics, sampler, pruner), and
+`check_kwargs`, which binds a `*_config` mapping against its constructor before anything runs,
+so that a typo fails in a second, not after an epoch."""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from typing import Any, Iterable
+
+from engine.errors import ConfigError
+
+
+def resolve(path: str) -> Any:
+    """Import "pkg.mod.Name" (or "pkg.mod.Outer.Inner") and return the object.
+
+    Raises ImportError whose message names the part that failed, e.g.
+    "module 'modle' not found" or "module 'model' has no attribute 'MLPP'".
+    """
+    if not isinstance(path, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", path):
+        raise ImportError(f"{path!r} is not an import path like 'package.module.Name'")
+    parts = path.split(".")
+    # Try the longest importable module prefix, so nested names such as
+    # torch.optim.lr_scheduler.StepLR and attributes of classes both work.
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # A missing module *inside* the user's module is its own bug, not a typo here.
+            if e.name is not None and not module_name.startswith(e.name):
+                raise ImportError(f"importing '{module_name}' failed: {e}") from e
+            continue
+        except Exception as e:  # the user's module raised while importing
+            raise ImportError(f"importing '{module_name}' failed: {type(e).__name__}: {e}") from e
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                raise ImportError(f"module '{module_name}' has no attribute '{attr}'")
+            obj = getattr(obj, attr)
+            module_name = f"{module_name}.{attr}"
+        return obj
+    raise ImportError(f"module '{parts[0]}' not found")
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the nearest of `choices`, or ''."""
+    close = difflib.get_close_matches(word, sorted(choices), n=3)
+    # Among equally close names, a swap of letters ("stpe" for "step") is the likelier typo.
+    close.sort(key=lambda c: sorted(c) != sorted(word))
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_kwargs(func: Any, kwargs: dict, *leading: Any) -> None:
+    """Raise TypeError now if `func(*leading, **kwargs)` would not bind (a typo'd keyword)."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+        return
+    try:
+        signature.bind(*leading, **kwargs)
+    except TypeError as e:
+        names = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
+        bad = next((k for k in kwargs if k not in signature.parameters), None)
+        hint = did_you_mean(bad, names) if bad else ""
+        raise TypeError(f"{e}{hint}") from None
+
+
+def resolve_key(config: Any, key: str) -> Any:
+    """resolve() for a config's import-path key; a failure names the config's file and the key."""
+    try:
+        return resolve(getattr(config, key))
+    except ImportError as e:
+        raise ConfigError(config.source, key, str(e)) from None
+
+
+def check_config_kwargs(config: Any, key: str, *leading: Any, kwargs: dict | None = None) -> None:
+    """check_kwargs for `<key>_config`, as a ConfigError naming that key."""
+    try:
+        check_kwargs(resolve_key(config, key), getattr(config, f"{key}_config") if kwargs is None else kwargs,
+                     *leading)
+    except TypeError as e:
+        raise ConfigError(config.source, f"{key}_config", str(e)) from None
+
+
+def create(config: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+    """Build what import-path key `key` names; if the user's class rejects its arguments, the
+    error names `<key>_config`, where those arguments came from."""
+    cls = resolve_key(config, key)
+    try:
+        return cls(*args, **kwargs)
+    except Exception as e:
+        raise ConfigError(config.source, f"{key}_config",
+                          f"{getattr(config, key)} rejected it: {type(e).__name__}: {e}") from e

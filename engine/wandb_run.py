@@ -1,0 +1,47 @@
+"""One wandb run per seed, for the seed's whole life (a resumed seed continues its run).
+Online only with credentials, so that wandb never prompts or hangs; offline otherwise."""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
+    from config import RunConfig
+
+
+def wandb_mode(mode: str) -> str:
+    """auto = online only when credentials exist (WANDB_API_KEY or ~/.netrc), else offline."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        import netrc
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def start(config: RunConfig, group: str, seed: int, tags: tuple[str, ...], run_dir: Path) -> Any:
+    """The seed's wandb run, or None when wandb is disabled."""
+    mode = wandb_mode(config.wandb.mode)
+    if mode == "disabled":
+        return None
+    import wandb  # imported only when used: it costs start-up time
+    id_file = run_dir / "wandb_id"
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(4))
+    return wandb.init(
+        project=config.project, entity=config.wandb.entity, group=group, name=f"{group}/{seed}",
+        id=id_file.read_text().strip(), resume="allow",
+        tags=[config.net.rsplit(".", 1)[-1], *config.wandb.tags, *tags],
+        config={**config.to_dict(), "seed": seed, "config_hash": config.config_hash()}, mode=mode,
+        dir=os.environ.get("WANDB_DIR") or str(run_dir.parent),  # offline files sit beside the run
+        settings=wandb.Settings(silent=True, console="off"),
+    )
