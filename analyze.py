@@ -60,7 +60,8 @@ def load_model(group_dir: Path, seed: str, device: str):
 
 def validation_loss(config, model, val_set, device: str) -> float:
     from engine.trainer import Trainer
-    trainer = Trainer(model, None, config.trainer_settings(), criterion=config.create_criterion(), device=device)
+    trainer = Trainer(model, None, config.trainer_settings(), criterion=config.create_criterion(),
+                      device=device)
     return trainer.evaluate(trainer.on_device(val_set))["val_loss"]
 
 
@@ -140,7 +141,8 @@ def analyze_group(group_dir: Path, seeds: list[str], device: str) -> dict[str, f
             _, val_set = config.load_data()
         losses[seed] = validation_loss(config, model, val_set, device)
         print(f"{group_dir}/{seed}: validation loss {losses[seed]:.6g}")
-        plot_prediction(model, val_set, device, plots / f"prediction_{seed}.png", f"{group_dir.name} seed {seed}")
+        plot_prediction(model, val_set, device, plots / f"prediction_{seed}.png",
+                        f"{group_dir.name} seed {seed}")
     plot_losses(group_dir, plots / "losses.png")
     print(f"plots: {plots}/")
     return losses
@@ -155,7 +157,8 @@ def find_study(name: str, project: str | None):
         db = RUNS_DIR / p / "optuna.db"
         if db.exists() and name in optuna.get_all_study_names(f"sqlite:///{db}"):
             return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    raise SystemExit(f"error: no study '{name}' in {', '.join(str(RUNS_DIR / p / 'optuna.db') for p in projects)}")
+    raise SystemExit(f"error: no study '{name}' in "
+                     f"{', '.join(str(RUNS_DIR / p / 'optuna.db') for p in projects)}")
 
 
 def edge_warnings(trial, margin: float = 0.05) -> list[str]:
@@ -178,7 +181,8 @@ def edge_warnings(trial, margin: float = 0.05) -> list[str]:
         position = (v - low) / (high - low) if high > low else 0.5
         if position <= margin or position >= 1 - margin:
             side = "lower" if position <= margin else "upper"
-            warnings.append(f"{name} = {value:.4g} is at the {side} edge of [{dist.low:.4g}, {dist.high:.4g}]")
+            warnings.append(f"{name} = {value:.4g} is at the {side} edge of "
+                            f"[{dist.low:.4g}, {dist.high:.4g}]")
     return warnings
 
 

@@ -120,10 +120,9 @@ class RunConfig:
             raise err("seeds", "must list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise err("seeds", f"has duplicates: {self.seeds}")
-        if not re.fullmatch(r"[\w.-]+", self.project):
-            raise err("project", f"must be a folder name (letters, digits, _ . -), got {self.project!r}")
-        if self.group is not None and not re.fullmatch(r"[\w.-]+", self.group):
-            raise err("group", f"must be a folder name (letters, digits, _ . -), got {self.group!r}")
+        for key, name in (("project", self.project), ("group", self.group)):
+            if name is not None and not re.fullmatch(r"[\w.-]+", name):
+                raise err(key, f"must be a folder name (letters, digits, _ . -), got {name!r}")
         if self.mode not in DIRECTIONS:
             raise err("mode", f"must be 'min' or 'max', got {self.mode!r}")
         if self.monitor not in self.columns():
@@ -190,7 +189,8 @@ class RunConfig:
         mine, theirs = (flatten({k: v for k, v in c.to_dict().items() if k not in RUN_ONLY_KEYS})
                         for c in (self, other))
         missing = object()
-        return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k, missing) != theirs.get(k, missing))
+        return sorted(k for k in mine.keys() | theirs.keys()
+                      if mine.get(k, missing) != theirs.get(k, missing))
 
     def config_hash(self) -> str:
         """A hash of every key: two runs with the same hash ran the same config."""
@@ -208,7 +208,8 @@ class RunConfig:
         import torch
         if self.device.startswith("cuda"):
             if not torch.cuda.is_available():
-                raise ConfigError(self.source, "device", f"'{self.device}' requested but CUDA is not available")
+                raise ConfigError(self.source, "device",
+                                  f"'{self.device}' requested but CUDA is not available")
             index = int(self.device.partition(":")[2] or 0)
             if index >= torch.cuda.device_count():
                 raise ConfigError(self.source, "device", f"'{self.device}' requested but only "
@@ -262,7 +263,8 @@ class RunConfig:
         options = {k: v for k, v in dataclasses.asdict(self.trainer).items() if k != "deterministic"}
         return Settings(epochs=self.epochs, batch_size=self.batch_size, monitor=self.monitor, mode=self.mode,
                         patience=self.early_stopping.patience, min_delta=self.early_stopping.min_delta,
-                        checkpoint_every_s=self.checkpoint_every_s, metrics=self.metric_functions(), **options)
+                        checkpoint_every_s=self.checkpoint_every_s, metrics=self.metric_functions(),
+                        **options)
 
 
 @dataclass(frozen=True)

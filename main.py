@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 class _Version(argparse.Action):
@@ -38,11 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--optimize_config", metavar="YAML",
                         help="run an Optuna study over keys of the run config")
     parser.add_argument("--storage", metavar="URL",
-                        help="the study's Optuna storage (e.g. postgresql+psycopg://host/db); default runs/<project>/optuna.db")
+                        help="the study's Optuna storage (e.g. postgresql+psycopg://host/db); "
+                             "default runs/<project>/optuna.db")
     parser.add_argument("--workers", type=int, default=1, metavar="K",
                         help="run the search in K processes on this machine, sharing one study")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key, dotted for nested ones (repeatable): --set optimizer_config.lr=3e-4")
+                        help="override a key, dotted for nested ones (repeatable): "
+                             "--set optimizer_config.lr=3e-4")
     parser.add_argument("--device", help="override `device:` (auto, cpu, cuda, cuda:N, mps)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the unfinished seeds of this config's group from their checkpoints")
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["device"] = args.device
             flags.append(f"--device {args.device}")
         if overrides:
-            run_config = run_config.with_overrides(overrides, source=f"{args.run_config} (with {' '.join(flags)})")
+            run_config = run_config.with_overrides(overrides,
+                                                   source=f"{args.run_config} (with {' '.join(flags)})")
         if args.preflight:
             from engine.preflight import preflight
             return preflight(run_config)

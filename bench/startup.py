@@ -151,7 +151,8 @@ def first_step(command: list[str], workdir: Path, hookdir: Path, times_file: Pat
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hookdir), env.get("PYTHONPATH")]))
     launched = time.time()
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True)
     whole = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}")
@@ -160,7 +161,8 @@ def first_step(command: list[str], workdir: Path, hookdir: Path, times_file: Pat
         key, value = line.split(" ", 1)
         marks[key] = float(value) - launched
     if backward and "first_backward" not in marks:
-        raise RuntimeError(f"{' '.join(command)} finished without calling backward: is the hook on PYTHONPATH?")
+        raise RuntimeError(f"{' '.join(command)} finished without calling backward: "
+                           "is the hook on PYTHONPATH?")
     return {**marks, "whole_process": whole}
 
 
@@ -242,7 +244,8 @@ def main() -> int:
           f"{statistics.median(first) - imported:.3f} s (import torch done at {imported:.3f} s)")
     print(f"template time to the first step beyond the plain script's: "
           f"{statistics.median(first) - statistics.median(plain_first):.3f} s "
-          f"(per repeat: {spread([t - p for t, p in zip(first, plain_first)])}; goal < 0.3 s: what the template adds)")
+          f"(per repeat: {spread([t - p for t, p in zip(first, plain_first)])}; "
+          "goal < 0.3 s: what the template adds)")
     print(f"  after torch finished importing, to the first step: main.py {spread(in_child)}, "
           f"plain script {spread(plain_in_child)}")
     print(f"  whole main.py process beyond `import torch` (upper bound): "

@@ -228,7 +228,8 @@ def main() -> int:
         configs = {bs: base.with_overrides({"batch_size": bs, "epochs": args.epochs or max(
                        3, math.ceil(MIN_STEPS / math.ceil(n_train / bs)))}, source="bench")
                    for bs in args.batch_sizes}
-        print("epochs per run: " + ", ".join(f"{configs[bs].epochs} at batch size {bs}" for bs in args.batch_sizes))
+        print("epochs per run: " + ", ".join(f"{configs[bs].epochs} at batch size {bs}"
+                                             for bs in args.batch_sizes))
         timers = {
             "a": lambda bs, tag: time_template(configs[bs], runs_dir, f"bs{bs}_{tag}"),
             "b": lambda bs, tag: time_plain(configs[bs], data, args.device),
@@ -246,7 +247,8 @@ def main() -> int:
                 order = METHODS[repeat % 3:] + METHODS[:repeat % 3]
                 for method in order:
                     seconds[bs][method].append(timers[method](bs, f"r{repeat}"))
-            print(f"repeat {repeat + 1}/{args.repeats} done ({time.perf_counter() - started:.0f} s)", flush=True)
+            print(f"repeat {repeat + 1}/{args.repeats} done ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
 
     print()
     header = f"{'batch':>6}  {'loop':<14}{'s/epoch: median [min-max]':<30}{'ratio to b':<26}"
@@ -261,7 +263,8 @@ def main() -> int:
                 ratio = "1"
             else:
                 paired = [x / y for x, y in zip(s, b)]
-                ratio = f"{statistics.median(s) / statistics.median(b):.3f} [{min(paired):.2f}-{max(paired):.2f}]"
+                ratio = (f"{statistics.median(s) / statistics.median(b):.3f} "
+                         f"[{min(paired):.2f}-{max(paired):.2f}]")
             line = f"{bs:>6}  {method + ' ' + NAMES[method]:<14}{spread(s):<30}{ratio:<26}"
             if args.device == "cuda":
                 line += f"{n_train / statistics.median(s):,.0f}"
@@ -273,7 +276,8 @@ def main() -> int:
     print("c/b (dataloader / plain) at batch size: " + ", ".join(
         f"{bs}: {statistics.median(seconds[bs]['c']) / statistics.median(seconds[bs]['b']):.3f}"
         for bs in args.batch_sizes))
-    print(f"total time: {time.perf_counter() - started:.0f} s, load average at the end: {os.getloadavg()[0]:.2f}")
+    print(f"total time: {time.perf_counter() - started:.0f} s, "
+          f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 

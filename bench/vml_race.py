@@ -1,5 +1,6 @@
 """How often a fresh process computes the shipped data wrongly, with and without
-engine.reproducibility.warm_up_vector_math (see its comment: oneMKL's first-call race, pytorch/pytorch#188792).
+engine.reproducibility.warm_up_vector_math (see its comment: oneMKL's first-call race,
+pytorch/pytorch#188792).
 
     python bench/vml_race.py [--processes 100] [--parallel 1]
 

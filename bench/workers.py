@@ -135,8 +135,8 @@ def bench_search(workdir: Path) -> None:
     print(f"   run config: {RUN_TEMPLATE.name} with {', '.join(f'{k}={v}' for k, v in overrides.items())}")
     print(f"   optimize config: search space of {OPTIMIZE_TEMPLATE.name}, trials={SEARCH_TRIALS}, "
           f"pruner=null, seed={SEARCH_SEED}, one study_name per run")
-    print(f"   threads: 1 worker OMP_NUM_THREADS={cores}; 2 workers {max(1, cores // 2)} each (set by the template)",
-          flush=True)
+    print(f"   threads: 1 worker OMP_NUM_THREADS={cores}; 2 workers {max(1, cores // 2)} each "
+          "(set by the template)", flush=True)
     results = [run_search(workers, workdir, cores) for workers in (1, 2)]
     print(f"   {'workers':>7} {'wall s':>7} {'complete':>8} {'failed':>6} {'epochs':>6} {'steps':>6}"
           f" {'steps/s':>8}")
@@ -187,7 +187,8 @@ def storage_worker(kind: str, path: str, index: int) -> int:
         try:  # a storage error is counted, then the process goes on with its remaining trials
             if study is None:
                 study = optuna.create_study(storage=open_storage(kind, path), study_name="bench",
-                                            sampler=optuna.samplers.TPESampler(seed=index), load_if_exists=True)
+                                            sampler=optuna.samplers.TPESampler(seed=index),
+                                            load_if_exists=True)
             study.optimize(objective, n_trials=STORAGE_TRIALS_EACH - done, callbacks=[count])
         except Exception as e:
             errors.append(f"in {phase}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
@@ -198,7 +199,8 @@ def storage_worker(kind: str, path: str, index: int) -> int:
 def run_storage(kind: str, folder: Path) -> dict:
     path = folder / f"{kind}.{'log' if kind == 'journal' else 'db'}"
     procs = [subprocess.Popen([sys.executable, __file__, "--storage-worker", kind, str(path), str(i)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
              for i in range(STORAGE_PROCESSES)]
     for p in procs:
         if p.stdout.readline().strip() != "ready":
@@ -217,7 +219,8 @@ def run_storage(kind: str, folder: Path) -> dict:
 
     import optuna
     from optuna.trial import TrialState
-    trials = optuna.load_study(study_name="bench", storage=open_storage(kind, str(path))).get_trials(deepcopy=False)
+    trials = optuna.load_study(study_name="bench",
+                               storage=open_storage(kind, str(path))).get_trials(deepcopy=False)
     return {"wall_s": wall, "complete": sum(t.state == TrialState.COMPLETE for t in trials),
             "not_complete": sum(t.state != TrialState.COMPLETE for t in trials),
             "errors": [e for r in reports for e in r["errors"]]}
@@ -225,8 +228,9 @@ def run_storage(kind: str, folder: Path) -> dict:
 
 def bench_storage(workdir: Path) -> None:
     total = STORAGE_PROCESSES * STORAGE_TRIALS_EACH
-    print(f"2. journal file vs SQLite: {STORAGE_PROCESSES} processes x {STORAGE_TRIALS_EACH} trials on one study "
-          f"(TPE, objective sleeps {STORAGE_SLEEP_S * 1000:.0f} ms), {STORAGE_REPEATS} repeats", flush=True)
+    print(f"2. journal file vs SQLite: {STORAGE_PROCESSES} processes x {STORAGE_TRIALS_EACH} trials "
+          f"on one study (TPE, objective sleeps {STORAGE_SLEEP_S * 1000:.0f} ms), {STORAGE_REPEATS} repeats",
+          flush=True)
     results = {kind: [] for kind in STORAGE_KINDS}
     for repeat in range(STORAGE_REPEATS):
         for kind in STORAGE_KINDS:  # alternating, so a slow spell on the machine hits both
@@ -234,8 +238,8 @@ def bench_storage(workdir: Path) -> None:
             folder.mkdir()
             result = run_storage(kind, folder)
             results[kind].append(result)
-            print(f"   {kind:<8} repeat {repeat + 1}: {result['wall_s']:5.2f} s, {result['complete']}/{total} "
-                  f"complete, {len(result['errors'])} errors", flush=True)
+            print(f"   {kind:<8} repeat {repeat + 1}: {result['wall_s']:5.2f} s, "
+                  f"{result['complete']}/{total} complete, {len(result['errors'])} errors", flush=True)
     print(f"   {'storage':<8} {'median wall s':>13} {'median complete':>15} {'errors (all repeats)':>21}")
     for kind in STORAGE_KINDS:
         rs = results[kind]

@@ -13,6 +13,7 @@ model.py, your data and metrics in util.py, your experiment in a YAML file under
     reproducibility.py  seeding, the deterministic switch, a oneMKL workaround
     distributed.py      torchrun's process group and the few collectives the loop needs
     search.py           the Optuna study whose trials are run() calls
+    search_space.py     the search space's checks, and sampling it through a trial
     pruner.py           PFLPruner, the predicted-final-loss pruner
     preflight.py        --preflight: one checked batch through the real training step
     provenance.py       provenance.json: how to reproduce a group

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler,
+                              TensorDataset)
 
 
 
@@ -40,7 +41,8 @@ class Batches:
             n = len(data[0])
             order = torch.randperm(n, generator=generator).to(self.device) if generator is not None else None
             for start in range(skip * batch_size, n, batch_size):
-                index = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+                index = (order[start:start + batch_size] if order is not None
+                         else slice(start, start + batch_size))
                 if world > 1:  # this rank's share; a last batch smaller than the world is dropped
                     if min(batch_size, n - start) < world:
                         break

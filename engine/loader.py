@@ -170,7 +170,8 @@ def set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
         if not isinstance(node, dict) or part not in node:
             where = ".".join(parts[:depth + 1])
             options = node if isinstance(node, dict) else {}
-            raise ConfigError(source, dotted, f"no key '{where}' in the run config{did_you_mean(part, options)}")
+            raise ConfigError(source, dotted,
+                              f"no key '{where}' in the run config{did_you_mean(part, options)}")
         if depth == len(parts) - 1:
             node[part] = value
         else:

@@ -61,7 +61,8 @@ def preflight(config: RunConfig) -> int:
                       device=device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    x, y = next(trainer.batches(trainer.on_device(train_set), config.batch_size, torch.Generator().manual_seed(0)))
+    x, y = next(trainer.batches(trainer.on_device(train_set), config.batch_size,
+                                torch.Generator().manual_seed(0)))
     before = [p.detach().clone() for p in model.parameters()]
     failures: list[str] = []
     pred, loss, grad_norm = None, None, None

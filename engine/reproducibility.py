@@ -31,7 +31,8 @@ def determinism(deterministic: bool, device: str) -> Iterator[None]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         if device == "cpu":
             torch.set_num_threads(1)
-    if deterministic != was_deterministic:  # the call imports torch._dynamo (~1 s) even when it changes nothing
+    # The call imports torch._dynamo (~1 s) even when it changes nothing.
+    if deterministic != was_deterministic:
         torch.use_deterministic_algorithms(deterministic)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = not deterministic
@@ -51,7 +52,8 @@ def determinism(deterministic: bool, device: str) -> Iterator[None]:
 # of the points, so two processes (or two DDP ranks) trained on different data. A
 # one-element call per function and precision, on one thread, settles every choice first.
 # It runs when this module is imported, which RunConfig.load_data does before it calls the
-# data function: every run, analysis, preflight and benchmark gets it before any data. Drop it once torch bundles oneMKL 2025.0 or newer.
+# data function: every run, analysis, preflight and benchmark gets it before any data.
+# Drop it once torch bundles oneMKL 2025.0 or newer.
 _VECTOR_MATH = (torch.acos, torch.asin, torch.atan, torch.cos, torch.erf, torch.erfc, torch.erfinv, torch.exp,
                 torch.log, torch.log2, torch.log10, torch.sin, torch.sqrt, torch.tan, torch.tanh, torch.trunc)
 

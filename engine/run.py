@@ -75,8 +75,9 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
     # Before the data is built: a deterministic run builds it on one thread too.
     with determinism(config.trainer.deterministic, device):
         if config.batch_size < world:
-            raise ConfigError(config.source, "batch_size", f"is the global batch: at least one sample per rank "
-                                                           f"({world}), got {config.batch_size}")
+            raise ConfigError(config.source, "batch_size",
+                              f"is the global batch: at least one sample per rank ({world}), "
+                              f"got {config.batch_size}")
         train_set, val_set = config.load_data()
         set_seed(config.seeds[0])
         build(config, device)  # a throwaway build: a bad net_config fails before any file exists
@@ -87,11 +88,13 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         if rank == 0:  # only rank 0 writes
             try:
                 group_dir.mkdir(parents=True, exist_ok=True)
-                comment = f"merged from {config.source}" + (f"\noverrides: {' '.join(overrides)}" if overrides else "")
+                comment = f"merged from {config.source}" + (f"\noverrides: {' '.join(overrides)}"
+                                                            if overrides else "")
                 config.with_overrides({"group": group}).to_yaml(group_dir / "config.yaml", comment=comment)
                 record = provenance.start(group_dir, config.config_hash(), device, list(overrides))
             except OSError as e:
-                raise ConfigError(str(group_dir), "", f"cannot write the run folder: {e.strerror or e}") from None
+                raise ConfigError(str(group_dir), "",
+                                  f"cannot write the run folder: {e.strerror or e}") from None
         distributed.barrier()
         results, status = [], "failed"
         try:
@@ -123,7 +126,8 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
     longer = done.get("status") == "completed" and done.get("epochs_run", 0) < config.epochs
     if done.get("status") in FINISHED_STATUSES and not longer:
         return SeedResult(**done)  # finished before: kept as it is
-    state = checkpoint.load(run_dir / "checkpoint.pt", device) if (run_dir / "checkpoint.pt").exists() else None
+    state = (checkpoint.load(run_dir / "checkpoint.pt", device) if (run_dir / "checkpoint.pt").exists()
+             else None)
     set_seed(seed)
     model, optimizer, scheduler, criterion = build(config, device)
     settings = config.trainer_settings()
@@ -138,7 +142,8 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
     columns = config.columns()
     with open(run_dir / "metrics.csv", "w", newline="") as f:  # rows after the checkpoint are redone
         csv.writer(f).writerows([columns] + [[m[k] for k in columns] for m in history])
-    saved_best = [None]  # a new process writes best.pt at its first checkpoint: the last one may have died first
+    # A new process writes best.pt at its first checkpoint: the last one may have died first.
+    saved_best = [None]
 
     def save_checkpoint(full_state: dict) -> None:
         # best.pt before checkpoint.pt: a kill between the two never leaves a checkpoint
@@ -166,7 +171,8 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
         except BaseException as e:  # pruned, interrupted or crashed: say so on disk
             outcome = "pruned" if type(e).__name__ == "TrialPruned" else \
                 "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            checkpoint.write_json(run_dir / "result.json", {"seed": seed, "status": outcome, "error": repr(e)})
+            checkpoint.write_json(run_dir / "result.json",
+                                  {"seed": seed, "status": outcome, "error": repr(e)})
             raise
         finally:
             if logger is not None:  # always close the wandb run, whatever happened

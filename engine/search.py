@@ -115,7 +115,8 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study
             return objective(trial)
 
         # Finished or running anywhere: what every worker sees, so they stop together.
-        stop_when_full = optuna.study.MaxTrialsCallback(opt_config.trials, states=(*FINISHED_STATES, TrialState.RUNNING))
+        stop_when_full = optuna.study.MaxTrialsCallback(opt_config.trials,
+                                                        states=(*FINISHED_STATES, TrialState.RUNNING))
         study.optimize(claimed, n_trials=remaining, catch=(Exception,), callbacks=[stop_when_full])
     return study
 
@@ -153,7 +154,8 @@ def run_study_distributed(run_config: RunConfig, opt_config: OptimizeConfig) -> 
         distributed.broadcast_from_rank0([None])  # release the other ranks
 
 
-def run_workers(argv: list[str], workers: int, run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study:
+def run_workers(argv: list[str], workers: int, run_config: RunConfig,
+                opt_config: OptimizeConfig) -> optuna.Study:
     """Start `workers` processes of this same command, each a worker of one study, and wait.
 
     CPU threads are divided between them, each gets one GPU (round robin) where there

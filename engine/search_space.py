@@ -39,14 +39,16 @@ def check_distribution(spec: dict, key: str, err: Callable[[str, str], ConfigErr
         raise err(f"{key}.type", f"unknown distribution {kind!r}; use int, float or categorical")
     for name in spec:
         if name not in KINDS[kind]:
-            raise err(f"{key}.{name}", f"unknown key for a {kind} distribution{did_you_mean(str(name), KINDS[kind])}")
+            raise err(f"{key}.{name}",
+                      f"unknown key for a {kind} distribution{did_you_mean(str(name), KINDS[kind])}")
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise err(f"{key}.choices", "must be a non-empty list")
         for choice in choices:
             if not (choice is None or isinstance(choice, (bool, int, float, str))):
-                raise err(f"{key}.choices", f"choices must be numbers, strings, booleans or null, got {choice!r}")
+                raise err(f"{key}.choices",
+                          f"choices must be numbers, strings, booleans or null, got {choice!r}")
         return
     number = int if kind == "int" else (int, float)
     for bound in ("min", "max"):

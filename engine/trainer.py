@@ -1,7 +1,7 @@
 """The training loop: one model, one seed, read top to bottom.
 
     settings = Settings(epochs=20, batch_size=64)        # or run_config.trainer_settings()
-    trainer = Trainer(model, optimizer, settings, criterion=torch.nn.MSELoss(), device="cpu")
+    trainer = Trainer(model, optimizer, settings, criterion=torch.nn.MSELoss())  # on the model's device
     result = trainer.train(train_set, val_set, seed=42)  # a SeedResult: status, best value, history
 
 Per batch: the loss step, backward, optimizer step. Per epoch: validate, call the callbacks
@@ -94,16 +94,19 @@ class Trainer:
     """Trains one model; see the module docstring. A plain class: no base, no hooks by type."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, settings: Settings, *,
-                 scheduler: Any = None, criterion: Callable | None = None, device: str = "cpu",
+                 scheduler: Any = None, criterion: Callable | None = None, device: str | None = None,
                  callbacks: list[EpochCallback] = (), on_checkpoint: Callable[[dict], None] | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.criterion = criterion if criterion is not None else torch.nn.MSELoss()
-        self.settings, self.device = settings, device
+        self.settings = settings
+        # By default, where the model's weights are: a notebook need not say it twice.
+        self.device = device = device or next((str(p.device) for p in model.parameters()), "cpu")
         self.val_batch_size = settings.val_batch_size or settings.batch_size
         self.callbacks, self.on_checkpoint = list(callbacks), on_checkpoint
         # Under torchrun each rank trains on its share of every global batch (DDP averages
         # the gradients); without it there is no process group and nothing changes.
-        self.rank, self.world = distributed.rank(), distributed.world_size() if distributed.initialized() else 1
+        self.rank, self.world = (distributed.rank(),
+                                 distributed.world_size() if distributed.initialized() else 1)
         step = LossStep(model, self.criterion)
         if self.world > 1:
             step = DistributedDataParallel(step, device_ids=[device] if device.startswith("cuda") else None)
@@ -112,7 +115,8 @@ class Trainer:
         self.batches = Batches(device, settings, self.rank, self.world)
         self.on_device = self.batches.on_device
         self.device_type = torch.device(device).type
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.precision]
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16,
+                               "fp16": torch.float16}[settings.precision]
         # A disabled torch.autocast still costs ~3.5 µs to enter and leave, every step:
         # fp32 runs use no context at all.
         self.autocast = (lambda: torch.autocast(self.device_type, self.autocast_dtype)) \
@@ -274,7 +278,8 @@ class Trainer:
             "epoch": self.epoch, "batch": self.batch, "epoch_order_state": self.epoch_order_state,
             "loss_sum": self.loss_sum, "loss_count": self.loss_count, "generator": self.generator.get_state(),
             "best": self.best, "best_epoch": self.best_epoch, "best_state": self.best_state,
-            "status": self.status, "history": self.history, "elapsed": elapsed, "rng": checkpoint.rng_states(),
+            "status": self.status, "history": self.history, "elapsed": elapsed,
+            "rng": checkpoint.rng_states(),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -31,8 +31,10 @@ def test_group_analysis_reloads_the_models_and_saves_plots(workdir, tiny, capsys
 
 def test_study_analysis_uses_the_best_trial(workdir, tiny, capsys):
     tiny["epochs"] = 2
-    opt = OptimizeConfig.from_dict({"trials": 2, "seed": 0, "study_name": "s", "pruner": None, "search_space": {
-        "optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}})
+    opt = OptimizeConfig.from_dict({"trials": 2, "seed": 0, "study_name": "s", "pruner": None,
+                                    "search_space": {
+                                        "optimizer_config": {
+                                            "lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}})
     study = run_study(RunConfig.from_dict(tiny), opt)
     assert analyze.main(["--study", "s"]) == 0
     out = capsys.readouterr().out
@@ -40,6 +42,7 @@ def test_study_analysis_uses_the_best_trial(workdir, tiny, capsys):
     assert png(workdir / study.best_trial.user_attrs["run_dir"] / "plots" / "losses.png")
 
 
+@pytest.mark.slow
 def test_interactive_prompts(workdir, tiny):
     result = run(RunConfig.from_dict({**tiny, "seeds": [1, 2]}))
     run(RunConfig.from_dict({**tiny, "group": "other"}))

@@ -10,6 +10,8 @@ import torch
 from config import RunConfig
 from conftest import ROOT, child_env, run_main, write_yaml
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def test_train_writes_every_file_and_refuses_to_overwrite(workdir, tiny):
     tiny["seeds"] = [3, 4]
@@ -19,7 +21,8 @@ def test_train_writes_every_file_and_refuses_to_overwrite(workdir, tiny):
     group_dir = workdir / "runs" / "test" / RunConfig.from_dict(tiny).group_name()
     # The summary: one line per seed, mean ± std, where the files went.
     lines = result.stdout.splitlines()
-    assert any(line.split()[:1] == ["3"] for line in lines) and any(line.split()[:1] == ["4"] for line in lines)
+    assert (any(line.split()[:1] == ["3"] for line in lines)
+            and any(line.split()[:1] == ["4"] for line in lines))
     assert "val_loss:" in result.stdout and "±" in result.stdout and "over 2 seed(s)" in result.stdout
     assert str(group_dir.relative_to(workdir)) in result.stdout
     assert "seed 3" in result.stderr  # the progress bar, per seed

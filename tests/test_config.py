@@ -60,7 +60,7 @@ def test_with_overrides_copies(tiny):
 
 
 def test_group_names_are_unique_to_the_whole_config(tiny):
-    # The original design built names from first letters: these two collided.
+    # Names built from first letters (MLP_n8_l2_lr0.01) would collide for these two.
     a = RunConfig.from_dict(tiny)
     b = a.with_overrides({"optimizer_config.lr": 1.1e-2})
     c = a.with_overrides({"net_config.layers": 3})
@@ -173,7 +173,8 @@ def test_bad_optimize_config(tmp_path, change, key, words):
 
 
 def test_search_keys_must_exist_in_run_config(tiny):
-    opt = OptimizeConfig.from_dict({"search_space": {"net_config": {"nodez": {"type": "int", "min": 1, "max": 4}}}},
+    opt = OptimizeConfig.from_dict({"search_space": {"net_config": {
+                                       "nodez": {"type": "int", "min": 1, "max": 4}}}},
                                    source="opt.yaml")
     with pytest.raises(ConfigError, match=r"search_space.net_config.nodez: .*did you mean 'nodes'"):
         opt.check_against(RunConfig.from_dict(tiny))
@@ -185,7 +186,8 @@ def test_study_name_ignores_how_long_and_where_only(tiny):
     b = OptimizeConfig.from_dict({"trials": 9, "search_space": SPACE})
     c = OptimizeConfig.from_dict({"trials": 3, "seed": 1, "search_space": SPACE})
     assert a.name_for(run_config) == b.name_for(run_config) != c.name_for(run_config)
-    elsewhere = run_config.with_overrides({"device": "auto", "wandb.mode": "offline", "checkpoint_every_s": 5})
+    elsewhere = run_config.with_overrides({"device": "auto", "wandb.mode": "offline",
+                                           "checkpoint_every_s": 5})
     assert a.name_for(elsewhere) == a.name_for(run_config)  # --device or logging: the same study
     for changed in ({"epochs": 9}, {"seeds": [1, 2]}, {"optimizer_config.lr": 0.5}):  # other trials
         assert a.name_for(run_config.with_overrides(changed)) != a.name_for(run_config)

@@ -13,6 +13,7 @@ from engine.search import run_study
 from engine.run import run
 
 
+@pytest.mark.slow
 def test_set_overrides_nested_keys_and_records_them(workdir, tiny):
     write_yaml(workdir / "c.yaml", tiny)
     result = run_main("--run_config", "c.yaml", "--set", "optimizer_config.lr=3e-4", "--set", "seeds=[1,2]",
@@ -20,22 +21,26 @@ def test_set_overrides_nested_keys_and_records_them(workdir, tiny):
     assert result.returncode == 0, result.stderr
     (group_dir,) = (workdir / "runs" / "test").iterdir()
     saved = RunConfig.from_yaml(group_dir / "config.yaml")  # the merged config
-    assert saved.optimizer_config["lr"] == 3e-4 and saved.seeds == [1, 2] and saved.early_stopping.patience == 2
+    assert (saved.optimizer_config["lr"] == 3e-4 and saved.seeds == [1, 2]
+            and saved.early_stopping.patience == 2)
     header = (group_dir / "config.yaml").read_text().splitlines()[:2]
     assert header == ["# merged from c.yaml (with --set optimizer_config.lr=3e-4 --set seeds=[1,2] "
                       "--set early_stopping.patience=2)",
-                      "# overrides: --set optimizer_config.lr=3e-4 --set seeds=[1,2] --set early_stopping.patience=2"]
+                      "# overrides: --set optimizer_config.lr=3e-4 --set seeds=[1,2] "
+                      "--set early_stopping.patience=2"]
     record = json.loads((group_dir / "provenance.json").read_text())["invocations"][-1]
     assert record["overrides"] == ["--set optimizer_config.lr=3e-4", "--set seeds=[1,2]",
                                    "--set early_stopping.patience=2"]
 
 
 @pytest.mark.parametrize("override,words", [
-    ("optimizer_config.lrr=1", "optimizer_config.lrr: no key 'optimizer_config.lrr' in the run config (did you mean 'lr'?)"),
+    ("optimizer_config.lrr=1",
+     "optimizer_config.lrr: no key 'optimizer_config.lrr' in the run config (did you mean 'lr'?)"),
     ("epoch=3", "epoch: no key 'epoch' in the run config (did you mean 'epochs'?)"),
     ("epochs", "--set: epochs: expected key=value"),
     ("epochs=0", "epochs: must be a positive integer"),
 ])
+@pytest.mark.slow
 def test_bad_overrides(workdir, tiny, override, words):
     write_yaml(workdir / "c.yaml", tiny)
     result = run_main("--run_config", "c.yaml", "--set", override, cwd=workdir)
@@ -44,9 +49,11 @@ def test_bad_overrides(workdir, tiny, override, words):
     assert not (workdir / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["run_template.yaml", "run_classify.yaml"])
 def test_shipped_configs_pass_preflight_and_write_nothing(workdir, config):
-    result = run_main("--run_config", str(ROOT / "configs" / config), "--preflight", "--device", "cpu", cwd=workdir)
+    result = run_main("--run_config", str(ROOT / "configs" / config), "--preflight", "--device", "cpu",
+                      cwd=workdir)
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("parameters", "batch", "loss", "gradient norm", "peak memory", "seconds"):
         assert re.search(rf"^  {row}\s+\S", result.stdout, re.M), row
@@ -59,6 +66,7 @@ def test_shipped_configs_pass_preflight_and_write_nothing(workdir, config):
     ("optimizer_config.lr=0", "FAIL optimizer step: no parameter changed"),
     ("criterion=torch.nn.CrossEntropyLoss", "FAIL gradients non-zero"),  # one class: the loss is constant
 ])
+@pytest.mark.slow
 def test_preflight_names_the_failing_check(workdir, tiny, override, check):
     tiny["net_config"]["output_size"] = 1
     write_yaml(workdir / "c.yaml", tiny)
@@ -68,9 +76,11 @@ def test_preflight_names_the_failing_check(workdir, tiny, override, check):
     assert not (workdir / "runs").exists()
 
 
+@pytest.mark.slow
 def test_help_and_version(workdir):
     help_text = run_main("--help", cwd=workdir).stdout
-    for option in ("--run_config", "--optimize_config", "--set", "--device", "--resume", "--preflight", "--version"):
+    for option in ("--run_config", "--optimize_config", "--set", "--device", "--resume", "--preflight",
+                   "--version"):
         assert re.search(rf"^  {option}\b", help_text, re.M), option
     version = run_main("--version", cwd=workdir)
     assert version.returncode == 0
@@ -103,11 +113,14 @@ def test_group_loss_plot_has_every_seed_and_a_band(workdir, tiny):
     assert set(analyze.read_metrics(result.group_dir)) == {"1", "2", "3"}
 
 
+@pytest.mark.slow
 def test_study_report(workdir, tiny, capsys):
     tiny["epochs"] = 2
-    opt = OptimizeConfig.from_dict({"trials": 4, "seed": 0, "study_name": "s", "pruner": None, "search_space": {
-        "optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-1, "log": True}},
-        "batch_size": {"type": "categorical", "choices": [16, 32, 64]}}})
+    opt = OptimizeConfig.from_dict({"trials": 4, "seed": 0, "study_name": "s", "pruner": None,
+                                    "search_space": {
+                                        "optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-1,
+                                                                    "log": True}},
+                                        "batch_size": {"type": "categorical", "choices": [16, 32, 64]}}})
     study = run_study(RunConfig.from_dict(tiny), opt)
     assert analyze.main(["--study", "s", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -115,7 +128,8 @@ def test_study_report(workdir, tiny, capsys):
     assert set(report["importances"]) == {"optimizer_config.lr", "batch_size"}
     assert sum(report["importances"].values()) == pytest.approx(1.0)
     assert all(p.endswith(".png") and (workdir / p).exists() for p in report["plots"])
-    assert {p.rsplit("/", 1)[1] for p in report["plots"]} == {"history.png", "importances.png", "best_losses.png"}
+    assert ({p.rsplit("/", 1)[1] for p in report["plots"]}
+            == {"history.png", "importances.png", "best_losses.png"})
     assert report["warnings"] == analyze.edge_warnings(study.best_trial)
     assert analyze.main(["--study", "s"]) == 0
     assert "parameter importances:" in capsys.readouterr().out
@@ -127,7 +141,8 @@ def test_edge_warnings():
     trial = optuna.trial.create_trial(
         params={"lr": 0.0099, "layers": 3, "width": 64, "mid": 0.001},
         distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True), "layers": IntDistribution(1, 9),
-                       "width": CategoricalDistribution([16, 32, 64]), "mid": FloatDistribution(1e-4, 1e-2, log=True)},
+                       "width": CategoricalDistribution([16, 32, 64]),
+                       "mid": FloatDistribution(1e-4, 1e-2, log=True)},
         value=0.1)
     warnings = analyze.edge_warnings(trial)
     assert len(warnings) == 2
@@ -143,6 +158,7 @@ def spirals():
     return config
 
 
+@pytest.mark.slow
 def test_classification_trains_to_90_percent_with_accuracy_logged(workdir, spirals):
     result = run(RunConfig.from_dict(spirals))
     (seed,) = result.seeds

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT, child_env, run_main, write_yaml
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
@@ -73,7 +75,8 @@ def test_a_search_under_torchrun(workdir, ddp_config):
     ddp_config["epochs"] = 3
     write_yaml(workdir / "c.yaml", ddp_config)
     space = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2, "log": True}}}
-    write_yaml(workdir / "o.yaml", {"trials": 3, "seed": 0, "pruner": None, "study_name": "s", "search_space": space})
+    write_yaml(workdir / "o.yaml", {"trials": 3, "seed": 0, "pruner": None, "study_name": "s",
+                                    "search_space": space})
     # Every trial is pruned early by rank 0's pruner: the other rank must stop with it (no hang).
     write_yaml(workdir / "p.yaml", {"trials": 2, "seed": 0, "study_name": "p", "search_space": space,
                                     "pruner": "optuna.pruners.ThresholdPruner",
@@ -100,6 +103,24 @@ def test_dataloader_path_is_sharded_too(workdir, ddp_config):
         "    def __getitem__(self, i):\n        return self.inner[i]\n\n"
         "def load(**kwargs):\n    return tuple(Plain(d) for d in load_data(**kwargs))\n")
     ddp_config.update(data="plain_data.load", epochs=2)
+    write_yaml(workdir / "c.yaml", ddp_config)
+    two = torchrun(workdir, "--run_config", "c.yaml", "--set", "group=two")
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert run_main("--run_config", "c.yaml", "--set", "group=one", cwd=workdir).returncode == 0
+    runs = workdir / "runs" / "test"
+    for (t2, v2), (t1, v1) in zip(losses(runs / "two"), losses(runs / "one"), strict=True):
+        assert t2 == pytest.approx(t1, rel=1e-5) and v2 == pytest.approx(v1, rel=1e-5)
+
+
+def test_a_models_own_loss_trains_through_ddp(workdir, ddp_config):
+    # The loss step, hook included, runs inside DDP's forward: gradients are averaged
+    # across ranks, so 2 ranks still follow 1 process.
+    (workdir / "penalised.py").write_text(
+        "from model import MLP\n\n"
+        "class Penalised(MLP):\n"
+        "    def loss(self, x, y, criterion):\n"
+        "        return criterion(self(x), y) + 0.01 * sum(p.square().sum() for p in self.parameters())\n")
+    ddp_config.update(net="penalised.Penalised", epochs=3)
     write_yaml(workdir / "c.yaml", ddp_config)
     two = torchrun(workdir, "--run_config", "c.yaml", "--set", "group=two")
     assert two.returncode == 0, two.stdout + two.stderr

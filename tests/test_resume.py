@@ -18,6 +18,8 @@ from engine import checkpoint
 from config import ConfigError, load_yaml
 from conftest import ROOT, child_env, run_main, write_yaml
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def slow_config():
     """Epochs of ~0.1 s and a checkpoint after each, so a signal lands part-way."""
@@ -74,7 +76,8 @@ def outcome(group_dir, seeds=(3, 4)):
 def reference(tmp_path_factory):
     """The same config, never interrupted (trained once for the module)."""
     folder = tmp_path_factory.mktemp("reference")
-    result = run_main("--run_config", str(write_yaml(folder / "ref.yaml", {**slow_config(), "group": "reference"})),
+    result = run_main("--run_config",
+                      str(write_yaml(folder / "ref.yaml", {**slow_config(), "group": "reference"})),
                       cwd=folder)
     assert result.returncode == 0, result.stderr
     return folder / "runs" / "test" / "reference"
@@ -189,7 +192,8 @@ def test_resume_refuses_a_config_that_changed(workdir, tiny):
     assert run_main("--run_config", str(write_yaml(workdir / "d.yaml", tiny)), cwd=workdir).returncode == 0
     moved = write_yaml(workdir / "d.yaml", {**tiny, "batch_size": 32})
     result = run_main("--run_config", str(moved), "--resume", cwd=workdir)
-    assert result.returncode == 2 and "nothing to resume" in result.stderr and "differs in batch_size" in result.stderr
+    assert (result.returncode == 2 and "nothing to resume" in result.stderr
+            and "differs in batch_size" in result.stderr)
 
 
 def test_wandb_run_continues_with_the_same_id(workdir, slow):
@@ -244,11 +248,13 @@ def test_read_only_runs_folder_fails_before_training(workdir, tiny):
 
 
 def test_killed_search_continues_and_fails_the_stale_trial(workdir, tiny):
-    tiny.update(epochs=6, batch_size=16, data_config={"n": 3000, "noise": 0.1, "val_fraction": 0.2, "seed": 0})
+    tiny.update(epochs=6, batch_size=16,
+                data_config={"n": 3000, "noise": 0.1, "val_fraction": 0.2, "seed": 0})
     write_yaml(workdir / "c.yaml", tiny)
     write_yaml(workdir / "o.yaml", {"trials": 3, "seed": 0, "pruner": None, "heartbeat_interval": 1,
                                     "grace_period": 2, "study_name": "s", "search_space": {
-                                        "optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}})
+                                        "optimizer_config": {
+                                            "lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}})
     proc = start(workdir, "--run_config", "c.yaml", "--optimize_config", "o.yaml")
     wait_for_rows(workdir / "runs" / "test" / "s_t0001" / "7" / "metrics.csv", 2, proc)
     proc.send_signal(signal.SIGKILL)

@@ -1,5 +1,6 @@
 """Optuna search through main.py and run_study: resume, seeding, reporting, failures."""
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from config import OptimizeConfig, RunConfig
@@ -17,6 +18,7 @@ def load(workdir, project="test"):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+@pytest.mark.slow
 def test_three_trial_study_resumes_and_exports_the_best(workdir, tiny):
     write_yaml(workdir / "c.yaml", tiny)
     write_yaml(workdir / "o.yaml", {"trials": 3, "seed": 3, "pruner": None, "search_space": SPACE})
@@ -70,7 +72,8 @@ def test_grid_sampler_over_categorical_keys(workdir, tiny):
     space = {"batch_size": {"type": "categorical", "choices": [32, 64]},
              "net_config": {"nodes": {"type": "categorical", "choices": [4, 8]}}}
     params = params_of(workdir, tiny, "grid", sampler="optuna.samplers.GridSampler", space=space, trials=4)
-    assert sorted((p["batch_size"], p["net_config.nodes"]) for p in params) == [(32, 4), (32, 8), (64, 4), (64, 8)]
+    assert (sorted((p["batch_size"], p["net_config.nodes"]) for p in params)
+            == [(32, 4), (32, 8), (64, 4), (64, 8)])
 
 
 def test_failing_and_diverging_trials_do_not_stop_the_study(workdir, tiny):
@@ -80,7 +83,8 @@ def test_failing_and_diverging_trials_do_not_stop_the_study(workdir, tiny):
     opt = OptimizeConfig.from_dict({"trials": 8, "seed": 0, "sampler": "optuna.samplers.GridSampler",
                                     "search_space": space, "pruner": None})
     study = run_study(RunConfig.from_dict(tiny), opt)
-    by_params = {(t.params["optimizer_config.lr"], t.params["net_config.layers"]): t for t in study.get_trials()}
+    by_params = {(t.params["optimizer_config.lr"], t.params["net_config.layers"]): t
+                 for t in study.get_trials()}
     assert len(by_params) == 4
     assert by_params[(1e-2, 2)].state == TrialState.COMPLETE
     assert by_params[(1e8, 2)].state == TrialState.PRUNED

@@ -97,9 +97,11 @@ def test_mixed_precision_trains_on_cpu(precision, workdir):
     assert longer.seeds[0].status == "completed" and longer.seeds[0].epochs_run == 5
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_numbers():
     eager, _ = train({"epochs": 1})
-    compiled, _ = train({"epochs": 1, "trainer.compile": True}, expect_step=torch._dynamo.eval_frame.OptimizedModule)
+    compiled, _ = train({"epochs": 1, "trainer.compile": True},
+                        expect_step=torch._dynamo.eval_frame.OptimizedModule)
     assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-4)
     assert compiled[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-4)
 

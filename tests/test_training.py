@@ -34,8 +34,9 @@ def test_losses_are_per_sample_means_not_per_batch():
     trainer = make_trainer(model, batch_size=4)  # batches of 4, 4 and 2
     full = torch.nn.functional.mse_loss(model(x), y).item()
     per_batch = sum(torch.nn.functional.mse_loss(model(x[i:i + 4]), y[i:i + 4]).item() for i in (0, 4, 8)) / 3
-    assert abs(per_batch - full) > 1e-3  # the trap the original design fell into
-    assert trainer.evaluate(trainer.on_device(TensorDataset(x, y)))["val_loss"] == pytest.approx(full, rel=1e-6)
+    assert abs(per_batch - full) > 1e-3  # a mean of batch means is not the per-sample mean
+    assert (trainer.evaluate(trainer.on_device(TensorDataset(x, y)))["val_loss"]
+            == pytest.approx(full, rel=1e-6))
 
 
 def test_early_stopping_keeps_and_reports_the_best_epoch():
@@ -53,7 +54,8 @@ def test_early_stopping_keeps_and_reports_the_best_epoch():
     assert result.best_epoch < result.epochs_run
     assert result.best_value == min(val_losses) != val_losses[-1]
     # The model handed back holds the best epoch's weights, not the last ones.
-    assert trainer.evaluate(trainer.on_device(val_set))["val_loss"] == pytest.approx(result.best_value, rel=1e-6)
+    assert (trainer.evaluate(trainer.on_device(val_set))["val_loss"]
+            == pytest.approx(result.best_value, rel=1e-6))
 
 
 def test_max_mode_and_min_delta():
@@ -72,7 +74,8 @@ def test_nan_stops_the_seed_cleanly():
     result = trainer.train(train_set, val_set, seed=0)
     assert result.status == "diverged"
     assert result.epochs_run < 20
-    assert not math.isfinite(result.history[-1]["train_loss"]) or not math.isfinite(result.history[-1]["val_loss"])
+    assert (not math.isfinite(result.history[-1]["train_loss"])
+            or not math.isfinite(result.history[-1]["val_loss"]))
 
 
 def test_general_datasets_use_a_dataloader_with_the_same_numbers():
@@ -82,7 +85,8 @@ def test_general_datasets_use_a_dataloader_with_the_same_numbers():
     set_seed(1)
     trainer = make_trainer(MLP({"nodes": 4, "layers": 1}), batch_size=7)
     fast = trainer.evaluate(trainer.on_device(val_set))["val_loss"]
-    assert trainer.evaluate(trainer.on_device(PlainDataset(val_set)))["val_loss"] == pytest.approx(fast, rel=1e-6)
+    assert (trainer.evaluate(trainer.on_device(PlainDataset(val_set)))["val_loss"]
+            == pytest.approx(fast, rel=1e-6))
     result = trainer.train(PlainDataset(train_set), PlainDataset(val_set), seed=1)
     assert result.epochs_run == 5 and math.isfinite(result.best_value)
 
@@ -102,7 +106,8 @@ def test_same_config_and_seed_give_bit_identical_weights(workdir, tiny):
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
-    assert read_losses(first.group_dir / "5" / "metrics.csv") == read_losses(second.group_dir / "5" / "metrics.csv")
+    assert (read_losses(first.group_dir / "5" / "metrics.csv")
+            == read_losses(second.group_dir / "5" / "metrics.csv"))
     assert first.seeds[0].best_value == second.seeds[0].best_value
 
 
@@ -156,13 +161,16 @@ def test_deterministic_runs_use_one_thread_from_the_data_on_and_give_it_back(wor
     monkeypatch.syspath_prepend(str(workdir))
     import probe
     seen = []
-    watch = [lambda epoch, metrics: seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))]
+    watch = [lambda epoch, metrics: seen.append((torch.get_num_threads(),
+                                                 torch.are_deterministic_algorithms_enabled()))]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        run(RunConfig.from_dict({**tiny, "group": "det", "data": "probe.load", "trainer": {"deterministic": True}}),
+        run(RunConfig.from_dict({**tiny, "group": "det", "data": "probe.load",
+                                 "trainer": {"deterministic": True}}),
             first_seed_callbacks=watch)
-        assert probe.threads == [1] and set(seen) == {(1, True)}  # one thread and deterministic kernels throughout
+        # one thread and deterministic kernels throughout
+        assert probe.threads == [1] and set(seen) == {(1, True)}
         assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()  # given back
         seen.clear()
         run(RunConfig.from_dict({**tiny, "group": "nodet", "data": "probe.load"}), first_seed_callbacks=watch)

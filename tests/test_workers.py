@@ -14,6 +14,8 @@ from optuna.trial import TrialState
 
 from conftest import run_main, write_yaml
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 SPACE = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 3e-2, "log": True}},
          "net_config": {"nodes": {"type": "categorical", "choices": [4, 8, 16]}}}
 
@@ -41,7 +43,8 @@ def search(workdir, tiny, *extra):
     write_yaml(workdir / "c.yaml", tiny)
     write_yaml(workdir / "o.yaml", {"trials": 6, "seed": 0, "pruner": None, "study_name": "shared",
                                     "search_space": SPACE})
-    return run_main("--run_config", "c.yaml", "--optimize_config", "o.yaml", "--workers", "2", *extra, cwd=workdir)
+    return run_main("--run_config", "c.yaml", "--optimize_config", "o.yaml", "--workers", "2", *extra,
+                    cwd=workdir)
 
 
 def test_two_workers_share_the_default_sqlite_study(workdir, tiny):
@@ -87,11 +90,13 @@ def postgres():
     subprocess.run([*as_user, f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
                    check=True, capture_output=True)
     subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-w", "-l", str(home / "pg.log"), "-o",
-                    f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+                    f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"],
+                       capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
 
 
