@@ -24,8 +24,9 @@ from typing import Any, ClassVar
 
 from engine.errors import ConfigError
 from engine.loader import dump_yaml, flatten, from_mapping, load_yaml, set_dotted, short_hash, to_plain
-from engine.resolve import check_config_kwargs, create, did_you_mean, resolve, resolve_key
+from engine.resolve import check_config_kwargs, create, resolve, resolve_key
 from engine.search_space import check_distribution, flatten_space
+from engine.settings import Settings, SettingsError
 
 __all__ = ["ConfigError", "RunConfig", "OptimizeConfig", "load_yaml", "resolve"]
 
@@ -91,7 +92,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     source: str = field(default="<dict>", compare=False, repr=False)  # the file it came from
-    written_device: str = field(default="auto", init=False, compare=False, repr=False)  # as the file says
+    written_device: str = field(default="auto", init=False, repr=False)  # `device` as the file says it
     run_only_keys: ClassVar[tuple[str, ...]] = RUN_ONLY_KEYS
 
     # ---- loading and saving
@@ -113,9 +114,6 @@ class RunConfig:
 
     def _validate(self) -> None:
         err = lambda key, msg: ConfigError(self.source, key, msg)  # noqa: E731
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise err(key, f"must be a positive integer, got {getattr(self, key)}")
         if not self.seeds:
             raise err("seeds", "must list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -123,28 +121,12 @@ class RunConfig:
         for key, name in (("project", self.project), ("group", self.group)):
             if name is not None and not re.fullmatch(r"[\w.-]+", name):
                 raise err(key, f"must be a folder name (letters, digits, _ . -), got {name!r}")
-        if self.mode not in DIRECTIONS:
-            raise err("mode", f"must be 'min' or 'max', got {self.mode!r}")
-        if self.monitor not in self.columns():
-            raise err("monitor", f"must be one of {', '.join(self.columns()[1:-2])}, got {self.monitor!r}"
-                                 f"{did_you_mean(self.monitor, self.columns())}")
-        t = self.trainer
-        if t.precision not in ("fp32", "bf16", "fp16"):
-            raise err("trainer.precision", f"must be fp32, bf16 or fp16, got {t.precision!r}")
-        for key, value in (("grad_clip", t.grad_clip), ("grad_accum", t.grad_accum),
-                           ("val_batch_size", t.val_batch_size)):
-            if value is not None and value <= 0:
-                raise err(f"trainer.{key}", f"must be positive, got {value}")
-        if t.num_workers < 0:
-            raise err("trainer.num_workers", f"must be >= 0, got {t.num_workers}")
-        if t.persistent_workers and t.num_workers == 0:
-            raise err("trainer.persistent_workers", "needs num_workers > 0")
-        if self.checkpoint_every_s < 0:
-            raise err("checkpoint_every_s", f"must be >= 0, got {self.checkpoint_every_s}")
-        if self.early_stopping.patience is not None and self.early_stopping.patience < 1:
-            raise err("early_stopping.patience", "must be a positive integer or null")
-        if self.early_stopping.min_delta < 0:
-            raise err("early_stopping.min_delta", "must be >= 0")
+        try:  # the loop's own checks (epochs, batch_size, monitor, mode, trainer: and early_stopping:)
+            self.trainer_settings()
+        except SettingsError as e:
+            section = ("trainer." if hasattr(self.trainer, e.name) else
+                       "early_stopping." if hasattr(self.early_stopping, e.name) else "")
+            raise err(f"{section}{e.name}", e.message) from None
         if self.wandb.mode not in ("auto", "online", "offline", "disabled"):
             raise err("wandb.mode", f"must be auto, online, offline or disabled, got {self.wandb.mode!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
@@ -257,9 +239,8 @@ class RunConfig:
         """The columns of metrics.csv, in order."""
         return ["epoch", "train_loss", "val_loss", *self.metric_functions(), "lr", "wall_time"]
 
-    def trainer_settings(self) -> Any:
-        """The loop's settings (engine.trainer.Settings): all the Trainer reads of a config."""
-        from engine.trainer import Settings
+    def trainer_settings(self) -> Settings:
+        """The loop's settings: all the Trainer reads of a config."""
         options = {k: v for k, v in dataclasses.asdict(self.trainer).items() if k != "deterministic"}
         return Settings(epochs=self.epochs, batch_size=self.batch_size, monitor=self.monitor, mode=self.mode,
                         patience=self.early_stopping.patience, min_delta=self.early_stopping.min_delta,

@@ -5,6 +5,7 @@ model.py, your data and metrics in util.py, your experiment in a YAML file under
     resolve.py          the one import-path resolver, and the check of keyword arguments
     loader.py           YAML in, typed dataclasses out: coercion, overrides, hashes
     trainer.py          Trainer: the loop, read top to bottom, and its one loss step
+    settings.py         Settings: all the Trainer reads, checked when built
     batches.py          how the loop draws batches (in-memory tensors, DataLoader, torchrun ranks)
     run.py              run(): one model per seed, and what each seed writes
     folders.py          runs/<project>/<group>/: where results go, and the checks before writing

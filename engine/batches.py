@@ -1,6 +1,6 @@
 """How the Trainer draws its batches, in one process or as one torchrun rank.
 
-    batches = Batches("cpu", settings)                # rank 0 of a world of 1 (settings: trainer.Settings)
+    batches = Batches("cpu", settings)                # rank 0 of a world of 1 (engine.settings.Settings)
     data = batches.on_device(train_set)               # a TensorDataset moves to the device once
     for x, y in batches(data, 256, generator):        # shuffled by `generator`; None: in order
         ...
@@ -18,11 +18,11 @@ import torch
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler,
                               TensorDataset)
 
+from engine.settings import Settings
 
 
 class Batches:
-    def __init__(self, device: str, options: Any, rank: int = 0, world: int = 1):
-        # options: num_workers, pin_memory and persistent_workers (a trainer.Settings)
+    def __init__(self, device: str, options: Settings, rank: int = 0, world: int = 1):
         self.device, self.options, self.rank, self.world = device, options, rank, world
         self.loaders: dict = {}  # (dataset id, batch size) -> (its batches, its DataLoader)
 

@@ -1,5 +1,6 @@
-"""Where results go, runs/<project>/<group>/<seed>/, and the checks made before anything is
-written there: results are never overwritten, and a resume never mixes two configs."""
+"""Where things are: the template's own folder, and runs/<project>/<group>/<seed>/, where
+results go, with the checks made before anything is written there: results are never
+overwritten, and a resume never mixes two configs."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,6 +9,7 @@ Exit status 0 when every check passes, 1 when one fails (it is named), 2 for a b
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -18,7 +19,7 @@ import torch
 
 from engine.reproducibility import set_seed
 from engine.run import build
-from engine.trainer import Trainer
+from engine.trainer import Trainer, has_own_loss
 
 if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
     from config import RunConfig
@@ -66,16 +67,24 @@ def preflight(config: RunConfig) -> int:
     before = [p.detach().clone() for p in model.parameters()]
     failures: list[str] = []
     pred, loss, grad_norm = None, None, None
-    stage = "forward"
+    own_loss = has_own_loss(model)
+    stage = "training step"
     try:  # user code runs here: a crash is a failed check with its name, not a traceback
         model.train()
-        with trainer.autocast(), torch.no_grad():  # what metrics see, in the training precision
-            pred = model(x)
-        shape_problem = check_shapes(pred, y)
+        step_error = None
+        try:
+            loss, pred = trainer.train_step(x, y)  # the training step itself: the loss step, backward
+        except Exception as e:
+            step_error = e
+            if not own_loss:  # was the output's shape the cause? A forward pass alone tells
+                with contextlib.suppress(Exception), torch.no_grad(), trainer.autocast():
+                    pred = model(x)
+        # A model with its own loss decides itself how its output meets the target.
+        shape_problem = check_shapes(pred, y) if pred is not None and not own_loss else None
         if shape_problem:
             failures.append(f"output shape: {shape_problem}")
-        stage = "loss and backward"
-        loss = trainer.train_step(x, y)  # the training step itself: the loss step, then backward
+        if step_error is not None:
+            raise step_error
         if not math.isfinite(loss.item()):
             failures.append(f"loss finite: the loss is {loss.item()}")
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -92,6 +101,9 @@ def preflight(config: RunConfig) -> int:
             failures.append("optimizer step: no parameter changed")
     except Exception as e:
         failures.append(f"{stage}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if pred is None and own_loss:  # only for the table: the output's shape, without training
+        with contextlib.suppress(Exception), torch.inference_mode(), trainer.autocast():
+            pred = model.eval()(x)
 
     rows = [
         ("config", config.source),

@@ -1,6 +1,6 @@
 """The training loop: one model, one seed, read top to bottom.
 
-    settings = Settings(epochs=20, batch_size=64)        # or run_config.trainer_settings()
+    settings = Settings(epochs=20, batch_size=64)        # engine.settings; or run_config.trainer_settings()
     trainer = Trainer(model, optimizer, settings, criterion=torch.nn.MSELoss())  # on the model's device
     result = trainer.train(train_set, val_set, seed=42)  # a SeedResult: status, best value, history
 
@@ -32,29 +32,9 @@ from tqdm import tqdm
 
 from engine import checkpoint, distributed
 from engine.batches import Batches
+from engine.settings import Settings
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, metrics) after each epoch; may raise to stop
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the loop needs to know, and nothing else (RunConfig.trainer_settings() fills it)."""
-    epochs: int
-    batch_size: int                      # per optimizer step (the global batch under torchrun)
-    monitor: str = "val_loss"            # train_loss, val_loss or val_<metric>: picks the best weights
-    mode: str = "min"                    # min | max
-    patience: int | None = None          # early stopping: epochs without improvement; None = never
-    min_delta: float = 0.0               # an improvement must beat the best by more than this
-    checkpoint_every_s: float = 10.0     # hand over a checkpoint at most this often (0: every epoch)
-    metrics: dict[str, Callable] = field(default_factory=dict)  # {"val_<name>": fn(pred, target)}
-    precision: str = "fp32"              # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
-    compile: bool = False                # torch.compile the loss step
-    grad_clip: float | None = None
-    grad_accum: int = 1                  # micro-batches per optimizer step
-    val_batch_size: int | None = None    # None: batch_size
-    num_workers: int = 0                 # DataLoader settings, for datasets that are not
-    pin_memory: bool = False             # in-memory tensors
-    persistent_workers: bool = False
 
 
 @dataclass
@@ -65,7 +45,8 @@ class SeedResult:
     best_epoch: int
     epochs_run: int
     run_dir: str | None = None   # where run() wrote it
-    history: list[dict] = field(default_factory=list, repr=False)  # one metrics dict per epoch
+    # One metrics dict per epoch; empty for a seed that finished before and was read back.
+    history: list[dict] = field(default_factory=list, repr=False)
 
 
 def has_own_loss(model: torch.nn.Module) -> bool:
@@ -76,8 +57,9 @@ def has_own_loss(model: torch.nn.Module) -> bool:
 class LossStep(torch.nn.Module):
     """The loss of one batch, the one place it is computed: `model.loss(x, y, criterion)` when
     the model defines it, else `criterion(model(x), y)`. A module, so that DDP and
-    torch.compile wrap the whole step. With `prediction`, it also returns `model(x)` (what
-    metrics see); otherwise None."""
+    torch.compile wrap the whole step. Returns (loss, model(x)); with the model's own loss
+    the prediction costs a second forward pass, so it comes only when `prediction` asks
+    (metrics need it), and is None otherwise."""
 
     def __init__(self, model: torch.nn.Module, criterion: Callable):
         super().__init__()
@@ -138,13 +120,14 @@ class Trainer:
 
     # ---- one batch, one epoch
 
-    def train_step(self, x: Any, y: Any, micro_batches: int = 1) -> torch.Tensor:
+    def train_step(self, x: Any, y: Any, micro_batches: int = 1) -> tuple[torch.Tensor, Any]:
         """Forward, loss and backward of one batch, one of `micro_batches` whose gradients the
-        next optimizer step sums (so each counts 1/micro_batches). Returns the batch's loss."""
+        next optimizer step sums (so each counts 1/micro_batches). Returns the batch's loss
+        and the prediction LossStep gave (None with the model's own loss)."""
         with self.autocast():
-            loss, _ = self.loss_step(x, y)
+            loss, pred = self.loss_step(x, y)
         self.scaler.scale(loss if micro_batches == 1 else loss / micro_batches).backward()
-        return loss
+        return loss, pred
 
     def optimizer_step(self) -> None:
         if self.settings.grad_clip is not None:
@@ -165,7 +148,7 @@ class Trainer:
             self.generator.set_state(self.epoch_order_state)
         accumulate = self.settings.grad_accum
         for x, y in self.batches(data, self.settings.batch_size, self.generator, skip=self.batch):
-            loss = self.train_step(x, y, accumulate)
+            loss, _ = self.train_step(x, y, accumulate)
             self.batch += 1
             if self.batch % accumulate == 0:
                 self.optimizer_step()

@@ -1,5 +1,6 @@
 """main.py as a user runs it: the shipped entry point end to end, and bad input."""
 import csv
+import json
 import subprocess
 import sys
 import textwrap
@@ -36,6 +37,9 @@ def test_train_writes_every_file_and_refuses_to_overwrite(workdir, tiny):
         assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
         state = torch.load(group_dir / str(seed) / "model.pt", weights_only=True)
         assert "net.0.weight" in state
+        result = json.loads((group_dir / str(seed) / "result.json").read_text())
+        assert set(result) == {"seed", "status", "best_value", "best_epoch", "epochs_run", "run_dir"}
+        assert result["seed"] == seed and result["status"] == "completed" and result["epochs_run"] == 4
 
     before = {p: p.read_bytes() for p in group_dir.rglob("*") if p.is_file()}
     again = run_main("--run_config", str(config_path), cwd=workdir)

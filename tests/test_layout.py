@@ -26,15 +26,21 @@ def imported_modules(path):
     under `if TYPE_CHECKING:` are left out (they never run)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     type_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-                 and ast.unparse(block.test).endswith("TYPE_CHECKING") for node in ast.walk(block)}
+                 and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                 for node in ast.walk(block)}
+    parts = module_name(path).split(".")
+    package = parts if path.name == "__init__.py" else parts[:-1]
     found = set()
     for node in ast.walk(tree):
         if id(node) in type_only:
             continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x, from .mod import y
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
         found |= {n for n in names if n.split(".")[0] in (*TOP, PACKAGE) and n in MODULES}

@@ -82,3 +82,21 @@ def test_preflight_checks_the_models_loss(hooked, capsys):
     assert offset["gradient norm"] == plain["gradient norm"]
     shrunk = preflight_table(RunConfig.from_dict({**hooked, "net": "hooked_models.Shrink"}), capsys)
     assert float(shrunk["gradient norm"]) != float(plain["gradient norm"])  # the penalty's gradient
+
+
+def test_preflight_leaves_the_output_shape_to_a_models_own_loss(workdir, monkeypatch, tiny, capsys):
+    # Two outputs, of which the loss uses the first: criterion(model(x), y) would broadcast,
+    # the model's own loss does not, and that is what training runs.
+    (workdir / "sliced.py").write_text(
+        "from model import MLP\n\n"
+        "class Sliced(MLP):\n"
+        "    def loss(self, x, y, criterion):\n"
+        "        return criterion(self(x)[:, :1], y)\n")
+    monkeypatch.syspath_prepend(str(workdir))
+    tiny["net_config"].update(output_size=2)
+    assert preflight(RunConfig.from_dict({**tiny, "net": "sliced.Sliced"})) == 0
+    out = capsys.readouterr().out
+    assert "all checks passed" in out and re.search(r"^  output\s+\(64, 2\) float32$", out, re.M)
+    with pytest.warns(UserWarning, match="broadcasting"):  # torch's own warning, for the plain MLP
+        assert preflight(RunConfig.from_dict(tiny)) == 1  # whose shapes do not fit
+    assert "FAIL output shape: output (64, 2) vs target (64, 1)" in capsys.readouterr().out

@@ -14,9 +14,14 @@ from conftest import PlainDataset
 from engine import reproducibility
 from engine.reproducibility import set_seed
 from engine.run import run
-from engine.trainer import Settings, Trainer
+from engine.settings import Settings
+from engine.trainer import Trainer
 from model import MLP
 from util import load_data
+
+
+BASE = {"project": "t", "seeds": [0], "epochs": 5, "batch_size": 4, "net": "model.MLP",
+        "optimizer": "torch.optim.SGD", "data": "util.load_data"}
 
 
 def make_trainer(model, lr=1e-2, scheduler=None, **settings):
@@ -25,6 +30,25 @@ def make_trainer(model, lr=1e-2, scheduler=None, **settings):
     scheduler = scheduler(optimizer) if scheduler else None
     return Trainer(model, optimizer, Settings(**{"epochs": 5, "batch_size": 4, **settings}),
                    scheduler=scheduler, criterion=torch.nn.MSELoss())
+
+
+def test_settings_are_checked_when_built():
+    from config import EarlyStopping, TrainerConfig
+    from engine.settings import SettingsError
+    with pytest.raises(SettingsError, match="mode: must be 'min' or 'max', got 'minimize'"):
+        Settings(epochs=1, batch_size=4, mode="minimize")
+    with pytest.raises(SettingsError, match=r"monitor: .*\(did you mean 'val_loss'\?\)"):
+        Settings(epochs=1, batch_size=4, monitor="val_los")
+    with pytest.raises(SettingsError, match="grad_accum: must be positive, got 0"):
+        Settings(epochs=1, batch_size=4, grad_accum=0)
+    # The config's sections say the same as the loop's defaults (config.py is the file's
+    # schema, engine/settings.py the loop's input; they must not drift apart).
+    loop = Settings(epochs=1, batch_size=1)
+    sections = {**vars(TrainerConfig()), **vars(EarlyStopping())}
+    run_keys = {k: getattr(RunConfig.from_dict(BASE), k) for k in ("monitor", "mode", "checkpoint_every_s")}
+    for name, value in {**sections, **run_keys}.items():
+        if name != "deterministic":  # around the loop, not in it: run() applies it
+            assert getattr(loop, name) == value, name
 
 
 def test_losses_are_per_sample_means_not_per_batch():

@@ -154,6 +154,8 @@ def test_device_is_ready_for_to_and_the_file_keeps_what_was_written(workdir, tin
     config.to_yaml(saved)
     assert load_yaml(saved)["device"] == written
     assert RunConfig.from_yaml(saved) == config
+    other = "cpu" if written == "auto" else "auto"
+    assert RunConfig.from_dict({**tiny, "device": other}) != config  # what was written is compared too
     again = RunConfig.from_yaml(write_yaml(workdir / "again.yaml", config.to_dict()))
     assert again.to_dict()["device"] == written and again.config_hash() == config.config_hash()
 
