@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storage", metavar="URL",
                         help="the study's Optuna storage (e.g. postgresql+psycopg://host/db); "
                              "default runs/<project>/optuna.db")
-    parser.add_argument("--workers", type=int, default=1, metavar="K",
+    parser.add_argument("--workers", type=int, metavar="K",
                         help="run the search in K processes on this machine, sharing one study")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key, dotted for nested ones (repeatable): "
@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.loader import parse_override
 
     try:
+        for flag, value in (("--workers", args.workers), ("--storage", args.storage)):
+            if value is not None and not args.optimize_config:  # never silently ignored
+                raise ConfigError(flag, "", "only a search uses it: add --optimize_config YAML")
+        workers = 1 if args.workers is None else args.workers
         run_config = RunConfig.from_yaml(args.run_config)
         overrides = dict(parse_override(text) for text in args.set)
         flags = [f"--set {text}" for text in args.set]
@@ -81,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             opt_config = OptimizeConfig.from_yaml(args.optimize_config)
             if args.storage:
                 opt_config = dataclasses.replace(opt_config, storage=args.storage)
-            if args.workers < 1:
-                raise ConfigError("--workers", "", f"must be at least 1, got {args.workers}")
+            if workers < 1:
+                raise ConfigError("--workers", "", f"must be at least 1, got {workers}")
             opt_config.check_against(run_config)
             run_config.check_device()
             from engine import distributed
@@ -92,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 distributed.teardown()
                 if study is None:
                     return 0  # not rank 0: rank 0 reports
-            elif args.workers > 1:
+            elif workers > 1:
                 command = argv if argv is not None else sys.argv[1:]
-                study = run_workers(command, args.workers, run_config, opt_config)
+                study = run_workers(command, workers, run_config, opt_config)
             else:
                 study = run_study(run_config, opt_config)
             text, best_path = report_best(study, run_config)

@@ -41,7 +41,9 @@ def start(config: RunConfig, group: str, seed: int, tags: tuple[str, ...], run_d
         project=config.project, entity=config.wandb.entity, group=group, name=f"{group}/{seed}",
         id=id_file.read_text().strip(), resume="allow",
         tags=[config.net.rsplit(".", 1)[-1], *config.wandb.tags, *tags],
-        config={**config.to_dict(), "seed": seed, "config_hash": config.config_hash()}, mode=mode,
+        # The group actually used (a config's `group` is null when it is the default name).
+        config={**config.to_dict(), "group": group, "seed": seed, "config_hash": config.config_hash()},
+        mode=mode,
         dir=os.environ.get("WANDB_DIR") or str(run_dir.parent),  # offline files sit beside the run
         settings=wandb.Settings(silent=True, console="off"),
     )

@@ -108,3 +108,11 @@ def test_tqdm_disable_in_the_environment_hides_the_progress_bar(workdir, tiny, m
     result = run_main("--run_config", str(write_yaml(workdir / "tiny.yaml", tiny)), cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "epoch/s" not in result.stderr and "seed 7" not in result.stderr and "completed" in result.stdout
+
+
+@pytest.mark.parametrize("flag", [["--workers", "2"], ["--storage", "sqlite:///x.db"]])
+def test_search_flags_without_a_search_are_refused(workdir, tiny, flag):
+    result = run_main("--run_config", str(write_yaml(workdir / "c.yaml", tiny)), *flag, cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {flag[0]}: only a search uses it: add --optimize_config YAML\n"
+    assert not (workdir / "runs").exists() and not (workdir / "x.db").exists()
