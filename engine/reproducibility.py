@@ -51,18 +51,26 @@ def determinism(deterministic: bool, device: str) -> Iterator[None]:
 # about one process in ten: the shipped data's sin(4πx) was off by up to 1.5e-4 on half
 # of the points, so two processes (or two DDP ranks) trained on different data. A
 # one-element call per function and precision, on one thread, settles every choice first.
-# It runs when this module is imported, which RunConfig.load_data does before it calls the
-# data function: every run, analysis, preflight and benchmark gets it before any data.
+# It runs when this module is imported, which RunConfig.load_data (and util.py) do before
+# any data is built: every run, analysis, preflight and benchmark gets it first. A torch
+# without MKL (Apple Silicon, aarch64) has no such first-call choice: nothing to warm up.
 # Drop it once torch bundles oneMKL 2025.0 or newer.
 _VECTOR_MATH = (torch.acos, torch.asin, torch.atan, torch.cos, torch.erf, torch.erfc, torch.erfinv, torch.exp,
                 torch.log, torch.log2, torch.log10, torch.sin, torch.sqrt, torch.tan, torch.tanh, torch.trunc)
 
 
-def warm_up_vector_math() -> None:
+def warm_up_vector_math(mkl: bool | None = None) -> int:
+    """Call every VML-backed function once per precision; returns how many calls it made.
+    `mkl`: whether this torch uses MKL (default: ask torch)."""
+    if not (torch.backends.mkl.is_available() if mkl is None else mkl):
+        return 0
+    calls = 0
     for dtype in (torch.float32, torch.float64):
         one = torch.full((1,), 0.5, dtype=dtype)
         for function in _VECTOR_MATH:
             function(one)
+            calls += 1
+    return calls
 
 
 warm_up_vector_math()
