@@ -2,7 +2,8 @@
 
     python analyze.py                                    # interactive: pick project, group, seed
     python analyze.py --project P --group G [--seed S]   # for scripts (all seeds without --seed)
-    python analyze.py --study NAME [--project P]         # a study's best trial
+    python analyze.py --study NAME [--project P]         # a study's report and its best trial
+    python analyze.py --study NAME --storage URL         # a study in another Optuna storage
 
 Each model is rebuilt from the config saved beside it and its weights are loaded
 with torch.load(weights_only=True). PNGs go to runs/<project>/<group>/plots/:
@@ -18,13 +19,14 @@ import os
 import sys
 from pathlib import Path
 
+from engine.errors import ConfigError
 from engine.folders import RUNS_DIR
 
 
 def choose(what: str, options: list[str]) -> str:
     """Ask on the terminal; Enter takes the first option."""
     if not options:
-        raise SystemExit(f"error: no {what} found under {RUNS_DIR}/")
+        raise ConfigError(str(RUNS_DIR), "", f"no {what} found")
     if len(options) == 1:
         return options[0]
     for i, option in enumerate(options):
@@ -148,17 +150,35 @@ def analyze_group(group_dir: Path, seeds: list[str], device: str) -> dict[str, f
     return losses
 
 
-def find_study(name: str, project: str | None):
-    """Load study `name` from runs/<project>/optuna.db (every project if none is given)."""
+def find_study(name: str, project: str | None, storage: str | None):
+    """Load study `name` from `storage`, or else from runs/<project>/optuna.db (every project
+    when none is given)."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    projects = [project] if project else folders(RUNS_DIR)
-    for p in projects:
-        db = RUNS_DIR / p / "optuna.db"
-        if db.exists() and name in optuna.get_all_study_names(f"sqlite:///{db}"):
-            return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    raise SystemExit(f"error: no study '{name}' in "
-                     f"{', '.join(str(RUNS_DIR / p / 'optuna.db') for p in projects)}")
+    if storage:
+        try:
+            names = optuna.get_all_study_names(storage)
+        except Exception as e:  # a bad URL, a missing driver, a server that does not answer
+            reason = str(e).splitlines()[0] if str(e) else ""
+            raise ConfigError("--storage", "", f"cannot open {hide_password(storage)}: "
+                                               f"{type(e).__name__}: {reason}") from None
+        places = [(storage, names)]
+    else:
+        databases = [RUNS_DIR / p / "optuna.db" for p in ([project] if project else folders(RUNS_DIR))]
+        databases = [db for db in databases if db.exists()]
+        places = [(f"sqlite:///{db}", optuna.get_all_study_names(f"sqlite:///{db}")) for db in databases]
+    for url, names in places:
+        if name in names:
+            return optuna.load_study(study_name=name, storage=url)
+    where = hide_password(storage) if storage else \
+        ", ".join(str(db) for db in databases) or f"{RUNS_DIR}/ (no optuna.db found)"
+    raise ConfigError("--study", "", f"no study '{name}' in {where}")
+
+
+def hide_password(url: str) -> str:
+    """An Optuna storage URL fit to print: user:secret@host becomes user:***@host."""
+    import re
+    return re.sub(r"(//[^/:@]+:)[^/@]+@", r"\1***@", url)
 
 
 def edge_warnings(trial, margin: float = 0.05) -> list[str]:
@@ -198,18 +218,22 @@ def study_report(study, out_dir: Path) -> dict:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    best = study.best_trial
-    report = {"study": study.study_name, "direction": study.direction.name.lower(),
-              "trials": {s.name.lower(): sum(t.state == s for t in trials)
-                         for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
+    counts = {s.name.lower(): sum(t.state == s for t in trials)
+              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    # Every trial pruned or failed: a report of why, and no best trial to speak of.
+    best = study.best_trial if counts["complete"] else None
+    report = {"study": study.study_name, "direction": study.direction.name.lower(), "trials": counts,
               "best": {"number": best.number, "value": best.value, "params": best.params,
-                       "run_dir": best.user_attrs.get("run_dir")},
-              "importances": None, "warnings": edge_warnings(best), "plots": []}
+                       "run_dir": best.user_attrs.get("run_dir")} if best else None,
+              "reasons": {t.number: t.user_attrs["reason"] for t in trials if "reason" in t.user_attrs},
+              "importances": None, "warnings": edge_warnings(best) if best else [], "plots": []}
+    if best is None:
+        return report
     out_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # optuna's matplotlib plots are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         plots = [("history.png", vis.plot_optimization_history)]
-        if report["trials"]["complete"] >= 2 and best.params:
+        if counts["complete"] >= 2 and best.params:
             try:
                 report["importances"] = optuna.importance.get_param_importances(study)
                 plots.append(("importances.png", vis.plot_param_importances))
@@ -222,7 +246,7 @@ def study_report(study, out_dir: Path) -> dict:
             ax.figure.savefig(out_dir / name, dpi=110)
             plt.close(ax.figure)
             report["plots"].append(str(out_dir / name))
-    if report["best"]["run_dir"] and Path(report["best"]["run_dir"]).is_dir():
+    if best.user_attrs.get("run_dir") and Path(best.user_attrs["run_dir"]).is_dir():
         plot_losses(Path(report["best"]["run_dir"]), out_dir / "best_losses.png")
         report["plots"].append(str(out_dir / "best_losses.png"))
     return report
@@ -232,6 +256,11 @@ def print_report(report: dict) -> None:
     best = report["best"]
     counts = ", ".join(f"{n} {state}" for state, n in report["trials"].items())
     print(f"study {report['study']} ({report['direction']}): {counts}")
+    if best is None:
+        for number, reason in report["reasons"].items():
+            print(f"  trial {number}: {reason}")
+        print("no trial completed, so there is no best trial to analyze yet")
+        return
     print(f"best trial {best['number']}: value {best['value']:.6g}, run folder {best['run_dir']}")
     for key, value in best["params"].items():
         print(f"  {key} = {value}")
@@ -244,41 +273,36 @@ def print_report(report: dict) -> None:
     print(f"plots: {', '.join(report['plots'])}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--project")
-    parser.add_argument("--group")
-    parser.add_argument("--seed")
-    parser.add_argument("--study", help="report a study's best trial and analyze its run")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true", help="with --study: print the report as JSON")
-    args = parser.parse_args(argv)
-    sys.path.insert(1, os.getcwd())
-
-    if args.study:
-        study = find_study(args.study, args.project)
-        project_dir = Path(study.best_trial.user_attrs["run_dir"]).parent  # beside the trials' folders
-        report = study_report(study, project_dir / f"{study.study_name}_report")
-        if args.json:
-            print(json.dumps(report, indent=2))
-            return 0
+def report_study(args: argparse.Namespace) -> int:
+    """--study: the report, then the best trial's run; 1 when no trial completed."""
+    study = find_study(args.study, args.project, args.storage)
+    # The report goes beside the trials' folders.
+    run_dirs = [t.user_attrs["run_dir"] for t in study.get_trials(deepcopy=False)
+                if "run_dir" in t.user_attrs]
+    project_dir = Path(run_dirs[0]).parent if run_dirs else RUNS_DIR
+    report = study_report(study, project_dir / f"{study.study_name}_report")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
         print_report(report)
-        group_dir = Path(report["best"]["run_dir"])
-        analyze_group(group_dir, [args.seed] if args.seed else seeds_in(group_dir), args.device)
-        return 0
+        if report["best"] is not None:
+            group_dir = Path(report["best"]["run_dir"])
+            analyze_group(group_dir, [args.seed] if args.seed else seeds_in(group_dir), args.device)
+    return 0 if report["best"] is not None else 1
 
+
+def report_runs(args: argparse.Namespace) -> int:
+    """A group's seeds: asked for at a terminal, given by --project/--group/--seed otherwise."""
     interactive = not (args.project and args.group)
     if interactive and not sys.stdin.isatty():
-        print("error: give --project and --group (or --study) when not at a terminal", file=sys.stderr)
-        return 2
+        raise ConfigError("analyze.py", "", "give --project and --group (or --study) when not at a terminal")
     project = args.project or choose("project", folders(RUNS_DIR))
     group = args.group or choose("group", [g for g in folders(RUNS_DIR / project)
                                            if seeds_in(RUNS_DIR / project / g)])
     group_dir = RUNS_DIR / project / group
     available = seeds_in(group_dir)
     if not available:
-        print(f"error: {group_dir}/ holds no trained seed", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{group_dir}/", "", "holds no trained seed")
     if args.seed:
         seeds = [args.seed]
     elif interactive:
@@ -287,10 +311,31 @@ def main(argv: list[str] | None = None) -> int:
     else:
         seeds = available
     if any(s not in available for s in seeds):
-        print(f"error: --seed: {group_dir}/ has seeds {', '.join(available)}", file=sys.stderr)
-        return 2
+        raise ConfigError("--seed", "", f"{group_dir}/ has seeds {', '.join(available)}")
     analyze_group(group_dir, seeds, args.device)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project")
+    parser.add_argument("--group")
+    parser.add_argument("--seed")
+    parser.add_argument("--study", help="report a study's best trial and analyze its run")
+    parser.add_argument("--storage", metavar="URL",
+                        help="with --study: the Optuna storage that holds it "
+                             "(default: runs/<project>/optuna.db)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="with --study: print the report as JSON")
+    args = parser.parse_args(argv)
+    sys.path.insert(1, os.getcwd())
+    try:
+        if args.storage and not args.study:
+            raise ConfigError("--storage", "", "only --study uses it")
+        return report_study(args) if args.study else report_runs(args)
+    except ConfigError as e:  # bad input: one line, exit 2, as in main.py
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

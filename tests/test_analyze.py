@@ -1,4 +1,5 @@
 """analyze.py reloads what was trained and draws its plots."""
+import json
 import re
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import pytest
 
 import analyze
 from config import OptimizeConfig, RunConfig
-from conftest import ROOT
+from conftest import ROOT, child_env
 from engine.search import run_study
 from engine.run import run
 
@@ -67,3 +68,48 @@ def test_interactive_prompts(workdir, tiny):
 def _has_script():
     import shutil
     return shutil.which("script") is not None
+
+
+def test_a_study_without_a_completed_trial_is_reported(workdir, tiny, capsys):
+    tiny["epochs"] = 2
+    # The model rejects both choices: every trial fails.
+    space = {"net_config": {"layers": {"type": "categorical", "choices": [0, -1]}}}
+    opt = OptimizeConfig.from_dict({"trials": 2, "seed": 0, "study_name": "none", "pruner": None,
+                                    "search_space": space})
+    run_study(RunConfig.from_dict(tiny), opt)
+    assert analyze.main(["--study", "none"]) == 1  # nothing to analyze, and no traceback
+    out = capsys.readouterr().out
+    assert "0 complete, 0 pruned, 2 fail" in out and "no trial completed" in out
+    assert "net_config: model.MLP rejected it" in out  # why, per trial
+    assert analyze.main(["--study", "none", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["best"] is None and report["trials"]["fail"] == 2 and len(report["reasons"]) == 2
+
+
+def test_a_study_in_another_storage(workdir, tiny, capsys):
+    tiny["epochs"] = 2
+    url = f"sqlite:///{workdir / 'elsewhere.db'}"
+    lr = {"type": "float", "min": 1e-3, "max": 1e-2}
+    opt = OptimizeConfig.from_dict({"trials": 2, "seed": 0, "study_name": "away", "pruner": None,
+                                    "storage": url, "search_space": {"optimizer_config": {"lr": lr}}})
+    study = run_study(RunConfig.from_dict(tiny), opt)
+    capsys.readouterr()
+    assert analyze.main(["--study", "away"]) == 2  # not in runs/<project>/optuna.db
+    assert capsys.readouterr().err == "error: --study: no study 'away' in runs/ (no optuna.db found)\n"
+    assert analyze.main(["--study", "away", "--storage", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["best"]["number"] == study.best_trial.number
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,line", [
+    (["--study", "nope"], "error: --study: no study 'nope' in runs/ (no optuna.db found)"),
+    (["--study", "s", "--storage", "nosuchdb://user:secret@host/db"],
+     "error: --storage: cannot open nosuchdb://user:***@host/db: "),
+    (["--storage", "sqlite:///x.db"], "error: --storage: only --study uses it"),
+])
+def test_bad_study_arguments_are_one_line(workdir, args, line):
+    done = subprocess.run([sys.executable, str(ROOT / "analyze.py"), *args], cwd=workdir, env=child_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(line) and len(done.stderr.splitlines()) == 1
+    assert "secret" not in done.stderr and not (workdir / "runs").exists()

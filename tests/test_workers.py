@@ -1,10 +1,12 @@
 """Searches shared by many workers: `--workers K` on one machine, against the default
 SQLite file and against a real PostgreSQL server that the test starts itself."""
 import glob
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import run_main, write_yaml
+from conftest import ROOT, child_env, run_main, write_yaml
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -105,3 +107,9 @@ def test_two_workers_share_a_postgresql_study(workdir, tiny, postgres):
     assert result.returncode == 0, result.stdout + result.stderr
     study = check_study(workdir, postgres, 6)
     assert f"run folder: {study.best_trial.user_attrs['run_dir']}" in result.stdout
+    # analyze.py finds a study in the same storage
+    report = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--study", "shared",
+                             "--storage", postgres, "--json"],
+                            cwd=workdir, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["best"]["number"] == study.best_trial.number
