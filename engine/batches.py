@@ -32,6 +32,13 @@ class Batches:
             return tuple(t.to(self.device) for t in dataset.tensors)
         return dataset
 
+    def count(self, data: Any, batch_size: int) -> int:
+        """How many batches an epoch of `data` has (on every rank the same)."""
+        n = len(data[0]) if isinstance(data, tuple) else len(data)
+        batches = -(-n // batch_size)
+        # Under torchrun a last global batch with fewer samples than ranks is dropped.
+        return batches - 1 if self.world > 1 and n - (batches - 1) * batch_size < self.world else batches
+
     def __call__(self, data: Any, batch_size: int, generator: torch.Generator | None = None,
                 skip: int = 0) -> Iterator[tuple]:
         """In-memory tensors are sliced by index on the device (no per-sample Python work);

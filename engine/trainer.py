@@ -90,8 +90,10 @@ class Trainer:
         self.rank, self.world = (distributed.rank(),
                                  distributed.world_size() if distributed.initialized() else 1)
         step = LossStep(model, self.criterion)
+        self.ddp = None  # the DDP wrapper under torchrun (its no_sync skips all-reduces while accumulating)
         if self.world > 1:
-            step = DistributedDataParallel(step, device_ids=[device] if device.startswith("cuda") else None)
+            step = self.ddp = DistributedDataParallel(step, device_ids=[device] if device.startswith("cuda")
+                                                      else None)
         self.loss_step = torch.compile(step) if settings.compile else step
         # How batches are drawn (in-memory tensors by index, anything else by DataLoader): batches.py
         self.batches = Batches(device, settings, self.rank, self.world)
@@ -146,18 +148,24 @@ class Trainer:
             self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
         else:  # resuming mid-epoch: draw the same order again, then skip what was done
             self.generator.set_state(self.epoch_order_state)
-        accumulate = self.settings.grad_accum
-        for x, y in self.batches(data, self.settings.batch_size, self.generator, skip=self.batch):
-            loss, _ = self.train_step(x, y, accumulate)
+        accumulate, batch_size = self.settings.grad_accum, self.settings.batch_size
+        total = self.batches.count(data, batch_size)
+        for x, y in self.batches(data, batch_size, self.generator, skip=self.batch):
+            # The optimizer step this batch counts towards sums `micro_batches` of them: grad_accum,
+            # or fewer for the epoch's last, shorter accumulation (each counts 1/micro_batches).
+            first = self.batch - self.batch % accumulate
+            micro_batches = min(accumulate, total - first)
+            steps = self.batch + 1 == first + micro_batches
+            # Under DDP, gradients are all-reduced only before a step, not after every batch.
+            with self.ddp.no_sync() if self.ddp is not None and not steps else nullcontext():
+                loss, _ = self.train_step(x, y, micro_batches)
             self.batch += 1
-            if self.batch % accumulate == 0:
+            if steps:
                 self.optimizer_step()
             self.loss_sum += loss.detach() * len(y)  # weight by batch size: a per-sample mean
             self.loss_count += len(y)
-            if self.stop_requested and self.batch % accumulate == 0 and self.world == 1:
+            if self.stop_requested and steps and self.world == 1:
                 return None  # stop only where no gradient is half-accumulated (under DDP: at epoch end)
-        if self.batch % accumulate:
-            self.optimizer_step()  # the epoch's last, shorter accumulation
         self.batch = 0
         if self.world > 1:  # one reduction per epoch: the global per-sample mean
             count = self.loss_sum.new_tensor(self.loss_count)

@@ -16,12 +16,12 @@ pytestmark = pytest.mark.slow  # every test here starts processes
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def torchrun(workdir, *args):
+def torchrun(workdir, *args, env=None):
     if not TORCHRUN.exists():
         pytest.skip("torchrun is not installed beside this Python")
     return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"), *args],
-                          cwd=workdir, env=child_env({"OMP_NUM_THREADS": "1"}), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=300)
+                          cwd=workdir, env=child_env({"OMP_NUM_THREADS": "1", **(env or {})}),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
 
 
 def losses(group_dir):
@@ -35,11 +35,11 @@ def ddp_config(tiny):
     return tiny
 
 
-def two_ranks_follow_one_process(workdir, config):
-    """Train `config` with 2 ranks (group two) and in one process (group one); their losses
-    must agree. Returns torchrun's completed process and the runs folder."""
+def two_ranks_follow_one_process(workdir, config, env=None):
+    """Train `config` with 2 ranks (group two; `env` added to theirs) and in one process
+    (group one); their losses must agree. Returns torchrun's completed process and the runs folder."""
     write_yaml(workdir / "c.yaml", config)
-    two = torchrun(workdir, "--run_config", "c.yaml", "--set", "group=two")
+    two = torchrun(workdir, "--run_config", "c.yaml", "--set", "group=two", env=env)
     assert two.returncode == 0, two.stdout + two.stderr
     one = run_main("--run_config", "c.yaml", "--set", "group=one", cwd=workdir)
     assert one.returncode == 0, one.stderr
@@ -127,3 +127,44 @@ def test_a_models_own_loss_trains_through_ddp(workdir, ddp_config):
     assert plain.returncode == 0, plain.stderr
     # The penalty was trained and reported: the same seed without it logs smaller losses.
     assert all(t2 > tp for (t2, _), (tp, _) in zip(losses(runs / "two"), losses(runs / "plain"), strict=True))
+
+
+ALLREDUCE_COUNTER = '''
+import atexit, os
+import torch.nn.parallel as parallel
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+calls = [0]
+_init = parallel.DistributedDataParallel.__init__
+
+
+def __init__(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+
+    def counting(state, bucket):
+        calls[0] += 1
+        return allreduce_hook(state, bucket)
+
+    self.register_comm_hook(None, counting)
+
+
+parallel.DistributedDataParallel.__init__ = __init__
+if "RANK" in os.environ:  # the ranks, not torchrun's own process
+    atexit.register(lambda: open(os.environ["ALLREDUCE_COUNT"] + os.environ["RANK"], "w").write(str(calls[0])))
+'''
+
+
+def test_accumulation_under_ddp_all_reduces_once_per_step(workdir, ddp_config):
+    # 300 training samples in global batches of 64: 5 batches an epoch; grad_accum 2 steps
+    # after batches 2, 4 and 5 (the last one alone, counting whole). A sitecustomize counts
+    # DDP's gradient all-reduces (a tiny model fits one bucket): one per step, not per batch.
+    hook = workdir / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(ALLREDUCE_COUNTER)
+    ddp_config["trainer"] = {"grad_accum": 2}
+    # The accumulated steps are those of one process ...
+    two_ranks_follow_one_process(workdir, ddp_config, env={"PYTHONPATH": str(hook),
+                                                           "ALLREDUCE_COUNT": str(workdir / "count")})
+    # ... with one all-reduce per optimizer step on each rank.
+    epochs, steps_per_epoch = ddp_config["epochs"], 3
+    assert [int((workdir / f"count{rank}").read_text()) for rank in (0, 1)] == [epochs * steps_per_epoch] * 2

@@ -69,6 +69,26 @@ def test_gradient_accumulation_equals_a_bigger_batch():
         assert torch.allclose(big_state[key], acc_state[key], atol=1e-6)
 
 
+def test_the_last_shorter_accumulation_is_not_under_scaled():
+    # 256 training samples in batches of 8: 32 batches, so grad_accum 3 leaves 2 for the last step.
+    _, state = train({"epochs": 1, "trainer.grad_accum": 3})
+    set_seed(0)
+    model = MLP({"nodes": 8, "layers": 2})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = load_data(n=320)[0].tensors
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    batches = [order[i:i + 8] for i in range(0, len(x), 8)]
+    assert len(batches) % 3 == 2
+    for first in range(0, len(batches), 3):  # each step: the mean of the batch losses it sums
+        group = batches[first:first + 3]
+        for index in group:
+            (torch.nn.functional.mse_loss(model(x[index]), y[index]) / len(group)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for key, value in model.state_dict().items():
+        assert torch.allclose(state[key], value, atol=1e-6), key
+
+
 def test_gradient_clipping_bounds_each_step():
     config = RunConfig.from_dict({**BASE, "epochs": 1, "batch_size": 320, "optimizer_config": {"lr": 1.0},
                                   "trainer": {"grad_clip": 1e-3}})
