@@ -55,7 +55,7 @@ def load_model(group_dir: Path, seed: str, device: str):
     config = RunConfig.from_yaml(group_dir / "config.yaml")
     model = config.create_model(device)
     # weights_only: a weights file never runs code, whoever wrote it.
-    model.load_state_dict(checkpoint.load(group_dir / seed / "model.pt", device))
+    model.load_state_dict(checkpoint.load(group_dir / seed / "model.pt"))
     model.eval()
     return config, model
 

@@ -30,9 +30,10 @@ from engine.settings import Settings, SettingsError
 
 __all__ = ["ConfigError", "RunConfig", "OptimizeConfig", "load_yaml", "resolve"]
 
-# Keys that change how long, where or how visibly a group trains, not what it trains: they
-# are left out of the group's name, and a --resume may change them.
-RUN_ONLY_KEYS = ("group", "seeds", "epochs", "device", "wandb", "checkpoint_every_s")
+# Keys that change how long, where, how fast or how visibly a group trains, not what it
+# trains: they are left out of the group's name, and a --resume may change them.
+RUN_ONLY_KEYS = ("group", "seeds", "epochs", "device", "wandb", "checkpoint_every_s",
+                 "trainer.compile", "trainer.num_workers", "trainer.pin_memory", "trainer.persistent_workers")
 DIRECTIONS = {"min": "minimize", "max": "maximize"}
 
 
@@ -163,13 +164,23 @@ class RunConfig:
         out, so that `--resume` with more epochs or seeds continues the same group."""
         if self.group:
             return self.group
-        data = {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_KEYS}
-        return f"{self.net.rsplit('.', 1)[-1]}_{short_hash(data)}"
+        return f"{self.net.rsplit('.', 1)[-1]}_{short_hash(self.what_it_trains())}"
+
+    def what_it_trains(self, keep: tuple[str, ...] = ()) -> dict:
+        """to_dict() bar RUN_ONLY_KEYS (except those in `keep`): top-level ones are left out, the
+        trainer's are reset to their defaults (not removed, so that group names stay valid)."""
+        data = self.to_dict()
+        for key in (k for k in RUN_ONLY_KEYS if k not in keep):
+            section, _, name = key.partition(".")
+            if name:
+                data[section][name] = getattr(TrainerConfig(), name)
+            else:
+                del data[key]
+        return data
 
     def differences(self, other: RunConfig) -> list[str]:
         """Dotted keys whose values differ, bar RUN_ONLY_KEYS: what makes a resume unsafe."""
-        mine, theirs = (flatten({k: v for k, v in c.to_dict().items() if k not in RUN_ONLY_KEYS})
-                        for c in (self, other))
+        mine, theirs = (flatten(c.what_it_trains()) for c in (self, other))
         missing = object()
         return sorted(k for k in mine.keys() | theirs.keys()
                       if mine.get(k, missing) != theirs.get(k, missing))
@@ -313,8 +324,7 @@ class OptimizeConfig:
         data = {k: v for k, v in to_plain(self).items()
                 if k not in ("trials", "storage", "heartbeat_interval", "grace_period")}
         # seeds and epochs stay in: they change what a trial's value means
-        data["run_config"] = {k: v for k, v in run_config.to_dict().items()
-                              if k not in ("group", "device", "wandb", "checkpoint_every_s")}
+        data["run_config"] = run_config.what_it_trains(keep=("seeds", "epochs"))
         return f"{run_config.net.rsplit('.', 1)[-1]}_search_{short_hash(data)}"
 
     def create_sampler(self) -> Any:

@@ -50,10 +50,14 @@ def _write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         os.close(directory)
 
 
-def load(path: Path, device: str = "cpu") -> Any:
-    """Load tensors and plain containers only; a file carrying code is refused."""
+def load(path: Path) -> Any:
+    """Load tensors and plain containers only, on the CPU; a file carrying code is refused.
+
+    Always on the CPU, whichever device wrote the file: the RNG states in a checkpoint must
+    stay CPU ByteTensors, and load_state_dict moves weights and optimizer state to wherever
+    the model already is."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(str(path), "", "refused: not a plain weights/checkpoint file (anything that "
                           f"would run code is never loaded): {str(e).splitlines()[0]}") from None
@@ -82,4 +86,6 @@ def set_rng_states(states: dict) -> None:
                          np_state["has_gauss"], np_state["cached"]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # Saved on a machine with more GPUs than this one: restore those that exist here.
+        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)

@@ -126,7 +126,7 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
     longer = done.get("status") == "completed" and done.get("epochs_run", 0) < config.epochs
     if done.get("status") in FINISHED_STATUSES and not longer:
         return SeedResult(**done)  # finished before: kept as it is
-    state = (checkpoint.load(run_dir / "checkpoint.pt", device) if (run_dir / "checkpoint.pt").exists()
+    state = (checkpoint.load(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").exists()
              else None)
     set_seed(seed)
     model, optimizer, scheduler, criterion = build(config, device)

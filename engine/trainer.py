@@ -282,6 +282,8 @@ class Trainer:
         for key in ("epoch", "batch", "epoch_order_state", "loss_sum", "loss_count", "best", "best_epoch",
                     "best_state", "status", "history", "elapsed"):
             setattr(self, key, state[key])
+        if self.loss_sum is not None:  # checkpoints load on the CPU; the epoch's running sum lives here
+            self.loss_sum = self.loss_sum.to(self.device)
         self.generator.set_state(state["generator"])
         checkpoint.set_rng_states(state["rng"])
         if self.status == "completed" and self.epoch < self.settings.epochs:

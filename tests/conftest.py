@@ -69,3 +69,9 @@ def child_env(extra: dict | None = None) -> dict:
     this test process (wandb exports WANDB_SERVICE; a child would share its run registry)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_API", "WANDB_SERVICE"))}
     return {**env, **(extra or {})}
+
+
+# The CUDA tier: `pytest -m gpu` runs these on a machine with a GPU (bench/gpu_check.sh);
+# elsewhere they skip with the reason.
+needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs CUDA: this machine has no GPU")]

@@ -10,10 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
-from optuna.trial import TrialState
 
 from engine import checkpoint
 from config import ConfigError, load_yaml
@@ -251,6 +249,8 @@ def test_read_only_runs_folder_fails_before_training(workdir, tiny):
 
 
 def test_killed_search_continues_and_fails_the_stale_trial(workdir, tiny):
+    import optuna  # here: test_gpu.py imports this module's helpers where optuna may be missing
+    from optuna.trial import TrialState
     tiny.update(epochs=6, batch_size=16,
                 data_config={"n": 3000, "noise": 0.1, "val_fraction": 0.2, "seed": 0})
     write_yaml(workdir / "c.yaml", tiny)

@@ -1,4 +1,5 @@
 """The `trainer:` options on CPU, and the fast in-memory path against a plain loop."""
+import csv
 import math
 import os
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from config import RunConfig
-from conftest import PlainDataset
+from conftest import PlainDataset, needs_cuda
 from engine import checkpoint
 from engine.reproducibility import set_seed
 from engine.run import run
@@ -124,6 +125,23 @@ def test_compile_gives_the_same_numbers():
                         expect_step=torch._dynamo.eval_frame.OptimizedModule)
     assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-4)
     assert compiled[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_checkpoints_move_between_compiled_and_eager(workdir, device):
+    # trainer.compile changes how fast a group trains, not what: a resume may switch it.
+    config = {**BASE, "device": device, "group": "g", "checkpoint_every_s": 0, "wandb": {"mode": "disabled"}}
+    straight = run(RunConfig.from_dict({**config, "group": "straight", "epochs": 4})).seeds[0].history
+    run(RunConfig.from_dict({**config, "epochs": 2, "trainer": {"compile": True}}))
+    run(RunConfig.from_dict({**config, "epochs": 3}), resume=True)  # eager, from a compiled run
+    back = run(RunConfig.from_dict({**config, "epochs": 4, "trainer": {"compile": True}}), resume=True)
+    (seed,) = back.seeds
+    assert seed.status == "completed" and seed.epochs_run == 4
+    with open(back.group_dir / "0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row, reference in zip(rows, straight, strict=True):
+        assert float(row["val_loss"]) == pytest.approx(reference["val_loss"], rel=1e-4)
 
 
 class WorkerOnlyDataset(PlainDataset):

@@ -228,3 +228,38 @@ def test_the_warm_up_runs_everywhere_and_does_nothing_without_mkl():
     # What this platform does on import: as many calls as its torch has MKL for.
     expected = 2 * len(reproducibility._VECTOR_MATH) if torch.backends.mkl.is_available() else 0
     assert reproducibility.warm_up_vector_math() == expected
+
+
+def as_if_saved_on_a_gpu(path):
+    """Rewrite a torch.save file so that every tensor says it was saved from cuda:0 (as on a
+    GPU machine): its pickle names each storage's device as a length-prefixed string."""
+    import zipfile
+    original = path.with_suffix(".cpu")
+    path.rename(original)
+    with zipfile.ZipFile(original) as source, zipfile.ZipFile(path, "w") as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in data
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            target.writestr(info, data)
+    original.unlink()
+
+
+def test_a_checkpoint_from_a_gpu_machine_resumes_here(workdir, tiny):
+    from engine import checkpoint
+    tiny.update(group="g", epochs=3, checkpoint_every_s=0)
+    run(RunConfig.from_dict(tiny))
+    seed_dir = workdir / "runs" / "test" / "g" / "7"
+    state = checkpoint.load(seed_dir / "checkpoint.pt")
+    # As a machine with two GPUs writes it: CUDA tensors, and two CUDA generator states.
+    state["rng"]["cuda"] = [state["rng"]["torch"].clone(), state["rng"]["torch"].clone()]
+    checkpoint.save(seed_dir / "checkpoint.pt", state)
+    as_if_saved_on_a_gpu(seed_dir / "checkpoint.pt")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):  # the file really says cuda
+            torch.load(seed_dir / "checkpoint.pt", weights_only=True)
+    longer = run(RunConfig.from_dict({**tiny, "epochs": 5}), resume=True)
+    assert longer.seeds[0].status == "completed" and longer.seeds[0].epochs_run == 5
+    loaded = checkpoint.load(seed_dir / "checkpoint.pt")
+    assert loaded["rng"]["torch"].device.type == "cpu" and loaded["loss_sum"].device.type == "cpu"
