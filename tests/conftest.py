@@ -53,6 +53,29 @@ class PlainDataset(torch.utils.data.Dataset):
         return self.inner[i]
 
 
+# A data module for a child process (or a workdir on sys.path): the shipped data, wrapped so
+# that it takes the DataLoader path.
+PLAIN_DATA = """
+import torch
+from util import load_data
+
+
+class Plain(torch.utils.data.Dataset):  # not a TensorDataset: the DataLoader path
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return self.inner[i]
+
+
+def load(**kwargs):
+    return tuple(Plain(d) for d in load_data(**kwargs))
+"""
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

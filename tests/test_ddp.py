@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env, run_main, write_yaml
+from conftest import PLAIN_DATA, ROOT, child_env, run_main, write_yaml
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -102,13 +102,7 @@ def test_a_search_under_torchrun(workdir, ddp_config):
 
 
 def test_dataloader_path_is_sharded_too(workdir, ddp_config):
-    (workdir / "plain_data.py").write_text(
-        "import torch\nfrom util import load_data\n\n"
-        "class Plain(torch.utils.data.Dataset):  # not a TensorDataset: the DataLoader path\n"
-        "    def __init__(self, inner):\n        self.inner = inner\n\n"
-        "    def __len__(self):\n        return len(self.inner)\n\n"
-        "    def __getitem__(self, i):\n        return self.inner[i]\n\n"
-        "def load(**kwargs):\n    return tuple(Plain(d) for d in load_data(**kwargs))\n")
+    (workdir / "plain_data.py").write_text(PLAIN_DATA)  # data: plain_data.load
     ddp_config.update(data="plain_data.load", epochs=2)
     two_ranks_follow_one_process(workdir, ddp_config)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from config import RunConfig
-from conftest import needs_cuda, run_main, write_yaml
+from conftest import PLAIN_DATA, needs_cuda, run_main, write_yaml
 from engine import checkpoint
 from engine.run import run
 from test_ddp import two_ranks_follow_one_process
@@ -68,13 +68,7 @@ def test_preflight_on_cuda(workdir, tiny):
 
 
 def test_the_dataloader_path_with_pinned_memory(workdir, tiny, monkeypatch):
-    (workdir / "plain_data.py").write_text(
-        "import torch\nfrom util import load_data\n\n"
-        "class Plain(torch.utils.data.Dataset):  # not a TensorDataset: the DataLoader path\n"
-        "    def __init__(self, inner):\n        self.inner = inner\n\n"
-        "    def __len__(self):\n        return len(self.inner)\n\n"
-        "    def __getitem__(self, i):\n        return self.inner[i]\n\n"
-        "def load(**kwargs):\n    return tuple(Plain(d) for d in load_data(**kwargs))\n")
+    (workdir / "plain_data.py").write_text(PLAIN_DATA)  # data: plain_data.load
     monkeypatch.syspath_prepend(str(workdir))
     config = on_cuda({**tiny, "data": "plain_data.load"})
     inline = run(RunConfig.from_dict({**config, "group": "inline"})).seeds[0].history
