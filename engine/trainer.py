@@ -149,12 +149,12 @@ class Trainer:
         else:  # resuming mid-epoch: draw the same order again, then skip what was done
             self.generator.set_state(self.epoch_order_state)
         accumulate, batch_size = self.settings.grad_accum, self.settings.batch_size
-        total = self.batches.count(data, batch_size)
+        in_epoch = self.batches.count(data, batch_size)
         for x, y in self.batches(data, batch_size, self.generator, skip=self.batch):
             # The optimizer step this batch counts towards sums `micro_batches` of them: grad_accum,
             # or fewer for the epoch's last, shorter accumulation (each counts 1/micro_batches).
             first = self.batch - self.batch % accumulate
-            micro_batches = min(accumulate, total - first)
+            micro_batches = min(accumulate, in_epoch - first)
             steps = self.batch + 1 == first + micro_batches
             # Under DDP, gradients are all-reduced only before a step, not after every batch.
             with self.ddp.no_sync() if self.ddp is not None and not steps else nullcontext():

@@ -71,6 +71,14 @@ def test_group_names_are_unique_to_the_whole_config(tiny):
     assert a.with_overrides({"group": "mine"}).group_name() == "mine"
 
 
+def test_speed_settings_change_neither_the_group_nor_what_a_resume_compares(tiny):
+    a = RunConfig.from_dict(tiny)
+    b = a.with_overrides({"trainer.compile": True, "trainer.num_workers": 2,
+                          "trainer.persistent_workers": True})
+    assert a.group_name() == b.group_name() and a.differences(b) == []
+    assert a.differences(a.with_overrides({"trainer.precision": "bf16"})) == ["trainer.precision"]
+
+
 def test_resolver_names_the_part_that_failed():
     import torch
     assert resolve("torch.optim.lr_scheduler.StepLR") is torch.optim.lr_scheduler.StepLR
