@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import load_yaml  # noqa: E402  (after the template folder is importable)
+from plain_data import Plain as PlainDataset  # noqa: E402, F401  (tests import it from here)
 
 
 @pytest.fixture
@@ -40,40 +41,8 @@ def tiny():
     return config
 
 
-class PlainDataset(torch.utils.data.Dataset):
-    """Wraps a dataset so that it is not a TensorDataset: the DataLoader path."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, i):
-        return self.inner[i]
-
-
-# A data module for a child process (or a workdir on sys.path): the shipped data, wrapped so
-# that it takes the DataLoader path.
-PLAIN_DATA = """
-import torch
-from util import load_data
-
-
-class Plain(torch.utils.data.Dataset):  # not a TensorDataset: the DataLoader path
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, i):
-        return self.inner[i]
-
-
-def load(**kwargs):
-    return tuple(Plain(d) for d in load_data(**kwargs))
-"""
+# The DataLoader path's data: its class for tests here, its source for a child's workdir.
+PLAIN_DATA = (ROOT / "tests" / "plain_data.py").read_text()
 
 
 def write_yaml(path: Path, data: dict) -> Path:
