@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.errors import ConfigError
+from engine.folders import name_problem
 from engine.loader import dump_yaml, flatten, from_mapping, load_yaml, set_dotted, short_hash, to_plain
 from engine.resolve import check_config_kwargs, create, resolve, resolve_key
 from engine.search_space import check_distribution, flatten_space
@@ -120,8 +121,8 @@ class RunConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise err("seeds", f"has duplicates: {self.seeds}")
         for key, name in (("project", self.project), ("group", self.group)):
-            if name is not None and not re.fullmatch(r"[\w.-]+", name):
-                raise err(key, f"must be a folder name (letters, digits, _ . -), got {name!r}")
+            if name is not None and name_problem(name):
+                raise err(key, name_problem(name))
         try:  # the loop's own checks (epochs, batch_size, monitor, mode, trainer: and early_stopping:)
             self.trainer_settings()
         except SettingsError as e:
@@ -294,8 +295,8 @@ class OptimizeConfig:
         for key in ("trials", "heartbeat_interval", "grace_period"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise err(key, f"must be a positive integer, got {getattr(self, key)}")
-        if self.study_name is not None and not re.fullmatch(r"[\w.-]+", self.study_name):
-            raise err("study_name", f"must be letters, digits, _ . -, got {self.study_name!r}")
+        if self.study_name is not None and name_problem(self.study_name):
+            raise err("study_name", name_problem(self.study_name))
         for dotted, spec in self.search_space.items():
             check_distribution(spec, f"search_space.{dotted}", err)
         grid = self.sampler.endswith("GridSampler")

@@ -3,6 +3,7 @@ results go, with the checks made before anything is written there: results are n
 overwritten, and a resume never mixes two configs."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,9 +18,21 @@ TEMPLATE_DIR = Path(__file__).resolve().parent.parent  # main.py, and the git ch
 FINISHED_STATUSES = ("completed", "early_stopped", "diverged")
 
 
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be one folder under runs/ (a project, group or study), or None."""
+    if not re.fullmatch(r"[\w.-]+", name):
+        return f"must be a folder name (letters, digits, _ . -), got {name!r}"
+    if name in (".", ".."):  # allowed characters, but they mean "here" and "the folder above"
+        return f"must name a folder of its own, not {name!r}"
+    return None
+
+
 def check_group(config: RunConfig, group_dir: Path, resume: bool) -> None:
     """Refuse, before writing anything, to overwrite results or to resume another config.
     The saved config is read back with the class of `config`."""
+    for key, name in (("project", group_dir.parent.name), ("group", group_dir.name)):
+        if name_problem(name) or group_dir.parent.parent != RUNS_DIR:  # a group given by code
+            raise ConfigError(config.source, key, name_problem(name) or f"{group_dir} is not in {RUNS_DIR}/")
     if group_dir.exists() and not group_dir.is_dir():
         raise ConfigError(config.source, "project", f"{group_dir} exists and is not a folder")
     for parent in (RUNS_DIR, RUNS_DIR / config.project):

@@ -49,6 +49,52 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+# Aliases are legitimate YAML, but a few nested ones expand to billions of values (an
+# "alias bomb"): counted on the composed nodes, where an alias costs nothing yet.
+MAX_VALUES = 100_000
+
+
+def _load(text: str, source: str, where: str = "") -> Any:
+    """YAML text -> Python values, refusing alias bombs and self-referring aliases."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        memo: dict[int, int] = {}
+        if isinstance(node, yaml.MappingNode):  # name the key whose values pass the limit
+            total = 0
+            for key_node, value_node in node.value:
+                total += _count_values(value_node, memo, set(), source, where or str(key_node.value))
+                _check_total(total, source, where or str(key_node.value))
+        elif node is not None:
+            _count_values(node, memo, set(), source, where)
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _count_values(node: yaml.Node, memo: dict[int, int], open_nodes: set[int], source: str,
+                  key: str) -> int:
+    """How many values `node` holds with every alias expanded (each node counted once)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(source, key, "refers to itself (a YAML alias inside its own anchor)")
+    children = ([] if isinstance(node, yaml.ScalarNode) else node.value if isinstance(node, yaml.SequenceNode)
+                else [n for pair in node.value for n in pair])
+    open_nodes.add(id(node))
+    total = 1 + sum(_count_values(child, memo, open_nodes, source, key) for child in children)
+    open_nodes.discard(id(node))
+    _check_total(total, source, key)
+    memo[id(node)] = total
+    return total
+
+
+def _check_total(total: int, source: str, key: str) -> None:
+    if total > MAX_VALUES:
+        raise ConfigError(source, key, f"expands to more than {MAX_VALUES} values (YAML aliases); "
+                                       "large data belongs in your data function, not the config")
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, turning every failure into a ConfigError naming the file."""
     source = str(path)
@@ -57,12 +103,14 @@ def load_yaml(path: str | Path) -> dict:
     except OSError as e:
         raise ConfigError(source, "", f"cannot read: {e.strerror}") from None
     try:
-        data = yaml.load(text, Loader=_Loader)
+        data = _load(text, source)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(source, "", f"{where}invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(source, "", "invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(source, "", "expected a mapping of keys to values at the top level")
     return data
@@ -78,7 +126,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError("--set", text, "expected key=value, e.g. --set optimizer_config.lr=3e-4")
     try:
-        return key.strip(), yaml.load(value, Loader=_Loader)
+        return key.strip(), _load(value, "--set", key.strip())
     except yaml.YAMLError as e:
         raise ConfigError("--set", key.strip(), f"cannot read {value!r} as a YAML value: "
                                                 f"{getattr(e, 'problem', None) or e}") from None

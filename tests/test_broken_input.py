@@ -12,7 +12,16 @@ RAISING_MODEL = ("import torch\nclass Net(torch.nn.Module):\n    def __init__(se
 IMPORT_ERROR_MODEL = "import no_such_dependency\n"
 SPACE = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}
 
-# (id, change to the run config (dict) or its raw text (str), change to the optimize config or
+
+def _alias_bomb(depth: int = 8, width: int = 9) -> str:
+    """A config of about 1 KB whose net_config expands to width**(depth+1) (~3.9e8) values."""
+    levels = [f"  l0: &a0 [{', '.join(['x'] * width)}]"]
+    levels += [f"  l{d}: &a{d} [{', '.join([f'*a{d - 1}'] * width)}]" for d in range(1, depth + 1)]
+    return "WITH net_config:\n  nodes: 8\n  layers: 2\n" + "\n".join(levels) + "\n"
+
+
+# (id, change to the run config (dict), its raw text (str), or "WITH key: ..." for the tiny config
+#  with that key's YAML text instead, change to the optimize config or
 #  its raw text (None: no search), expected start of the line after "error: ")
 CASES = [
     # syntax
@@ -23,6 +32,10 @@ CASES = [
      "c.yaml: line 2: invalid YAML: duplicate key 'epochs'"),
     ("yaml-list-at-top", "- 1\n- 2\n", None, "c.yaml: expected a mapping"),
     ("yaml-empty-file", "", None, "c.yaml: expected a mapping"),
+    ("yaml-alias-bomb", _alias_bomb(), None,
+     "c.yaml: net_config: expands to more than 100000 values (YAML aliases)"),
+    ("yaml-alias-loop", "WITH net_config:\n  nodes: 8\n  layers: 2\n  loop: &a [1, *a]\n",
+     None, "c.yaml: net_config: refers to itself"),
     ("yaml-python-object", "epochs: !!python/object/apply:os.system ['touch pwned']\n", None, "c.yaml: line"),
     # unknown, misspelt and missing keys
     ("unknown-key", {"colour": "red"}, None, "c.yaml: colour: unknown key"),
@@ -41,6 +54,10 @@ CASES = [
     ("epochs-string", {"epochs": "ten"}, None, "c.yaml: epochs: expected an integer"),
     ("epochs-float", {"epochs": 2.5}, None, "c.yaml: epochs: expected an integer"),
     ("batch-bool", {"batch_size": True}, None, "c.yaml: batch_size: expected an integer"),
+    ("project-dotdot", {"project": "..", "group": ".."}, None,
+     "c.yaml: project: must name a folder of its own, not '..'"),
+    ("group-dotdot", {"group": ".."}, None, "c.yaml: group: must name a folder of its own, not '..'"),
+    ("group-dot", {"group": "."}, None, "c.yaml: group: must name a folder of its own, not '.'"),
     ("seeds-not-list", {"seeds": 3}, None, "c.yaml: seeds: expected a list"),
     ("seed-not-int", {"seeds": [1, "x"]}, None, "c.yaml: seeds[1]: expected an integer"),
     ("net-config-list", {"net_config": [8, 2]}, None, "c.yaml: net_config: expected a mapping"),
@@ -98,6 +115,7 @@ CASES = [
     ("opt-zero-trials", {}, {"trials": 0}, "o.yaml: trials: must be a positive integer"),
     ("opt-grid-non-categorical", {}, {"sampler": "optuna.samplers.GridSampler"},
      "o.yaml: search_space.optimizer_config.lr: GridSampler needs categorical"),
+    ("opt-study-dotdot", {}, {"study_name": ".."}, "o.yaml: study_name: must name a folder of its own"),
     ("opt-misspelt-key", {}, {"trails": 3}, "o.yaml: trails: unknown key (did you mean 'trials'?)"),
 ]
 
@@ -111,6 +129,10 @@ def test_broken_input(workdir, tiny, run_change, opt_change, expected):
     (workdir / "broken_import.py").write_text(IMPORT_ERROR_MODEL)
     if isinstance(run_change, str) and run_change.startswith("DELETE "):
         write_yaml(workdir / "c.yaml", {k: v for k, v in tiny.items() if k != run_change.split()[1]})
+    elif isinstance(run_change, str) and run_change.startswith("WITH "):  # this text instead of its key
+        text = run_change.removeprefix("WITH ")
+        write_yaml(workdir / "c.yaml", {k: v for k, v in tiny.items() if k != text.split(":")[0]})
+        (workdir / "c.yaml").write_text((workdir / "c.yaml").read_text() + text)
     elif isinstance(run_change, str):
         (workdir / "c.yaml").write_text(run_change)
     else:
@@ -130,4 +152,8 @@ def test_broken_input(workdir, tiny, run_change, opt_change, expected):
     assert "Traceback" not in result.stderr
     assert not (workdir / "runs").exists()
     assert not (workdir / "pwned").exists()
+    # Nothing but the test's own files here, nor in the folder above ('..' as a name).
+    assert {p.name for p in workdir.iterdir()} <= {"c.yaml", "o.yaml", "raising.py", "broken_import.py",
+                                                   "wandb_dir", "__pycache__"}
+    assert not (workdir.parent / "config.yaml").exists()
 
