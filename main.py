@@ -113,10 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             distributed.teardown()
         if rank == 0:
             print(result.summary())
-        return 0 if result.values else 1
+        return 0 if result.values or result.busy else 1
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from engine.checkpoint import disk_full
+        if disk_full(e) is None:
+            raise
+        print(f"error: {disk_full(e)}", file=sys.stderr)  # the first write that failed
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished epochs and checkpoints are kept; rerun with --resume to continue "
               "(a search continues with the same command)", file=sys.stderr)

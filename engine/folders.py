@@ -1,11 +1,14 @@
 """Where things are: the template's own folder, and runs/<project>/<group>/<seed>/, where
 results go, with the checks made before anything is written there: results are never
-overwritten, and a resume never mixes two configs."""
+overwritten, a resume never mixes two configs, and two processes never train one seed."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from engine.errors import ConfigError
 
@@ -67,3 +70,35 @@ def nearest_group(config: RunConfig, project_dir: Path) -> tuple[str, list[str]]
         except ConfigError:
             continue
     return min(candidates, key=lambda c: len(c[1])) if candidates else None
+
+
+def claim_seeds(config: RunConfig, group_dir: Path) -> None:
+    """Make a fresh run's seed folders, each with an exclusive mkdir: of two processes that both
+    passed check_group (two identical commands started together), exactly one gets them."""
+    made = []
+    for seed in config.seeds:
+        try:
+            (group_dir / str(seed)).mkdir()
+        except FileExistsError:
+            for folder in made:
+                folder.rmdir()
+            raise ConfigError(config.source, "seeds", f"{group_dir}/{seed} was just made by another process "
+                              "running this config; results are never overwritten (with --resume, "
+                              "processes share the unfinished seeds)") from None
+        made.append(group_dir / str(seed))
+
+
+@contextlib.contextmanager
+def lock(folder: Path, wait: bool) -> Iterator[bool]:
+    """Hold folder/.lock while the block runs; yields False when another process holds it and
+    `wait` is False. An flock: the kernel releases it when its process dies, even by SIGKILL."""
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the file releases the lock

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import shlex
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint
-from engine.folders import TEMPLATE_DIR
+from engine.folders import TEMPLATE_DIR, lock
 
 PACKAGES = ("torch", "numpy", "optuna", "wandb", "pyyaml", "tqdm", "matplotlib")
 
@@ -58,6 +59,7 @@ def start(group_dir: Path, config_hash: str, device: str, overrides: list[str]) 
     """Append this invocation to provenance.json and return its entry (see finish)."""
     status = _git("status", "--porcelain")
     entry = {
+        "id": secrets.token_hex(4),  # finish() updates this entry, whatever others append meanwhile
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),  # quoted: it can be pasted back
         "overrides": list(overrides),
         "config_hash": config_hash,
@@ -88,10 +90,12 @@ def finish(group_dir: Path, entry: dict, status: str) -> None:
 
 
 def _append(path: Path, config_hash: str, entry: dict, replace_last: bool = False) -> None:
-    data = json.loads(path.read_text()) if path.exists() else {"invocations": []}
-    data["config_hash"] = config_hash
-    if replace_last and data["invocations"]:
-        data["invocations"][-1] = entry
-    else:
-        data["invocations"].append(entry)
-    checkpoint.write_json(path, data)
+    with lock(path.parent, wait=True):  # two processes on one group (--resume) both append
+        data = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+        data["config_hash"] = config_hash
+        same = [i for i, e in enumerate(data["invocations"]) if e.get("id") == entry["id"]]
+        if replace_last and same:
+            data["invocations"][same[-1]] = entry
+        else:
+            data["invocations"].append(entry)
+        checkpoint.write_json(path, data)

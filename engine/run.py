@@ -12,18 +12,20 @@ trains and only rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from engine import checkpoint, distributed, provenance, wandb_run
 from engine.errors import ConfigError
-from engine.folders import FINISHED_STATUSES, RUNS_DIR, check_group
+from engine.folders import FINISHED_STATUSES, RUNS_DIR, check_group, claim_seeds, lock
 from engine.reproducibility import determinism, set_seed
 from engine.trainer import EpochCallback, SeedResult, Trainer
 
@@ -36,6 +38,7 @@ class RunResult:
     group_dir: Path
     monitor: str
     seeds: list[SeedResult]
+    busy: list[int] = dataclasses.field(default_factory=list)  # seeds another process was training
 
     @property
     def values(self) -> list[float]:
@@ -58,6 +61,8 @@ class RunResult:
         diverged = [s.seed for s in self.seeds if s.status == "diverged"]
         if diverged:
             lines.append(f"diverged (NaN/inf, left out of the mean): seeds {diverged}")
+        if self.busy:
+            lines.append(f"being trained by another process, so left to it: seeds {self.busy}")
         lines.append(f"files: {self.group_dir}/")
         return "\n".join(lines)
 
@@ -84,10 +89,15 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         group = group or config.group_name()
         group_dir = RUNS_DIR / config.project / group
         check_group(config, group_dir, resume)  # every rank reads the same files, so all agree
+        for seed in config.seeds if resume else ():  # a seed that cannot resume stops us before any write
+            if not finished(config, group_dir / str(seed)):
+                checkpoint_to_resume(group_dir / str(seed), seed)
         record = None
         if rank == 0:  # only rank 0 writes
             try:
                 group_dir.mkdir(parents=True, exist_ok=True)
+                if not resume:
+                    claim_seeds(config, group_dir)  # before writing: a refused process writes nothing
                 comment = f"merged from {config.source}" + (f"\noverrides: {' '.join(overrides)}"
                                                             if overrides else "")
                 config.with_overrides({"group": group}).to_yaml(group_dir / "config.yaml", comment=comment)
@@ -96,20 +106,37 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
                 raise ConfigError(str(group_dir), "",
                                   f"cannot write the run folder: {e.strerror or e}") from None
         distributed.barrier()
-        results, status = [], "failed"
+        results, busy, status = [], [], "failed"
         try:
             for index, seed in enumerate(config.seeds):
                 callbacks = list(first_seed_callbacks) if index == 0 else []
-                results.append(run_seed(config, group, group_dir / str(seed), seed, device,
-                                        (train_set, val_set), callbacks, tags))
+                with seed_lock(group_dir / str(seed)) as mine:
+                    if not mine:  # another process (--resume) is training it
+                        busy.append(seed)
+                        continue
+                    results.append(run_seed(config, group, group_dir / str(seed), seed, device,
+                                            (train_set, val_set), callbacks, tags))
             status = "finished"
         except BaseException as e:  # interrupted, pruned or crashed: the record says which
             status = type(e).__name__
             raise
         finally:
             if record is not None:
-                provenance.finish(group_dir, record, status)
-        return RunResult(group_dir, config.monitor, results)
+                with contextlib.suppress(OSError):  # a full disk: what failed first is what gets reported
+                    provenance.finish(group_dir, record, status)
+        return RunResult(group_dir, config.monitor, results, busy)
+
+
+@contextlib.contextmanager
+def seed_lock(run_dir: Path) -> Iterator[bool]:
+    """Whether this process trains the seed: rank 0 holds its lock throughout, and every rank
+    follows rank 0's answer."""
+    if distributed.rank() != 0:
+        yield distributed.broadcast_from_rank0([None])[0]
+        return
+    run_dir.mkdir(exist_ok=True)
+    with lock(run_dir, wait=False) as mine:
+        yield distributed.broadcast_from_rank0([mine])[0]
 
 
 def build(config: RunConfig, device: str) -> tuple:
@@ -119,15 +146,47 @@ def build(config: RunConfig, device: str) -> tuple:
     return model, optimizer, config.create_scheduler(optimizer), config.create_criterion()
 
 
+def finished(config: RunConfig, run_dir: Path) -> dict | None:
+    """The seed's result.json when it has nothing left to train (unless `epochs` was raised)."""
+    done = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else {}
+    longer = done.get("status") == "completed" and done.get("epochs_run", 0) < config.epochs
+    return done if done.get("status") in FINISHED_STATUSES and not longer else None
+
+
+def checkpoint_to_resume(run_dir: Path, seed: int) -> tuple[Path | None, str | None]:
+    """The checkpoint a seed resumes from, and why it is not checkpoint.pt: checkpoint.prev.pt when
+    the newest is damaged, or missing (a kill between a save's two renames). Checksums only."""
+    newest = run_dir / "checkpoint.pt"
+    found = [p for p in (newest, checkpoint.previous_of(newest)) if p.exists()]
+    problems = {}
+    for path in found:
+        problems[path] = checkpoint.damage(path)
+        if problems[path] is None:
+            return path, None if path == newest else f"{newest}: {problems.get(newest, 'missing')}"
+    if not found:
+        return None, None
+    kept = ["best.pt"] if (run_dir / "best.pt").exists() else []
+    with contextlib.suppress(OSError, csv.Error):
+        with open(run_dir / "metrics.csv") as f:
+            epochs = [row["epoch"] for row in csv.DictReader(f)]
+        if epochs:
+            kept.append(f"metrics.csv up to epoch {epochs[-1]}")
+    names, kept = " and ".join(p.name for p in found), ", ".join(kept) or "nothing"
+    raise checkpoint.Unreadable(str(found[0]), "", f"{problems[found[0]]}; kept: {kept}; delete {names} "
+                                f"to train seed {seed} again from the start, or restore a copy")
+
+
 def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: str, data: tuple,
              callbacks: list[EpochCallback], tags: tuple[str, ...]) -> SeedResult:
     """Train (or continue, or just report) one seed in run_dir."""
-    done = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else {}
-    longer = done.get("status") == "completed" and done.get("epochs_run", 0) < config.epochs
-    if done.get("status") in FINISHED_STATUSES and not longer:
+    done = finished(config, run_dir)
+    if done:
         return SeedResult(**done)  # finished before: kept as it is
-    state = (checkpoint.load(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").exists()
-             else None)
+    path, note = checkpoint_to_resume(run_dir, seed)
+    state = checkpoint.load(path) if path else None
+    if note and distributed.rank() == 0:
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # damaged: the next save must not keep it
+        print(f"seed {seed}: {note}; resumed from {path.name} (epoch {state['epoch']})", file=sys.stderr)
     set_seed(seed)
     model, optimizer, scheduler, criterion = build(config, device)
     settings = config.trainer_settings()
@@ -151,15 +210,19 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
         if full_state["best_state"] is not None and full_state["best_epoch"] != saved_best[0]:
             checkpoint.save(run_dir / "best.pt", full_state["best_state"])
             saved_best[0] = full_state["best_epoch"]
-        checkpoint.save(run_dir / "checkpoint.pt", full_state)
+        checkpoint.save(run_dir / "checkpoint.pt", full_state, keep_previous=True)
 
     logger = wandb_run.start(config, group, seed, tags, run_dir)
     with open(run_dir / "metrics.csv", "a", newline="") as csv_file:
         writer = csv.writer(csv_file)
 
         def write_row(epoch: int, metrics: dict) -> None:
-            writer.writerow([metrics[k] for k in columns])
-            csv_file.flush()  # a crash keeps every finished epoch
+            try:
+                writer.writerow([metrics[k] for k in columns])
+                csv_file.flush()  # a crash keeps every finished epoch
+            except OSError as e:
+                raise checkpoint.WriteError(e.errno, f"{run_dir / 'metrics.csv'}: cannot write the row of "
+                                                     f"epoch {epoch}: {e.strerror}") from None
 
         log = [lambda epoch, metrics: logger.log(metrics, step=epoch)] if logger else []
         trainer = Trainer(model, optimizer, settings, scheduler=scheduler, criterion=criterion, device=device,
@@ -171,8 +234,9 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
         except BaseException as e:  # pruned, interrupted or crashed: say so on disk
             outcome = "pruned" if type(e).__name__ == "TrialPruned" else \
                 "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            checkpoint.write_json(run_dir / "result.json",
-                                  {"seed": seed, "status": outcome, "error": repr(e)})
+            with contextlib.suppress(OSError):  # a full disk: what failed first is what gets reported
+                checkpoint.write_json(run_dir / "result.json",
+                                      {"seed": seed, "status": outcome, "error": repr(e)})
             raise
         finally:
             if logger is not None:  # always close the wandb run, whatever happened
@@ -182,5 +246,7 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
     result = dataclasses.replace(result, run_dir=str(run_dir))
     checkpoint.write_json(run_dir / "result.json", {k: v for k, v in dataclasses.asdict(result).items()
                                                     if k != "history"})
+    # Finished: the safety copy goes, so a finished seed takes no more disk than before it existed.
+    checkpoint.previous_of(run_dir / "checkpoint.pt").unlink(missing_ok=True)
     distributed.barrier()
     return result

@@ -1,5 +1,7 @@
 """Shared fixtures: a shrunken copy of the shipped config, a scratch working folder,
 and a helper that runs main.py as a user would (a subprocess)."""
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +69,27 @@ def child_env(extra: dict | None = None) -> dict:
 # elsewhere they skip with the reason.
 needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs CUDA: this machine has no GPU")]
+
+
+def outcome(group_dir, seeds=(3, 4)):
+    """What must match bit for bit: weights, and every metrics column but wall time."""
+    found = {}
+    for seed in seeds:
+        with open(group_dir / str(seed) / "metrics.csv") as f:
+            rows = [{k: v for k, v in r.items() if k != "wall_time"} for r in csv.DictReader(f)]
+        weights = torch.load(group_dir / str(seed) / "model.pt", weights_only=True)
+        best = torch.load(group_dir / str(seed) / "best.pt", weights_only=True)
+        result = json.loads((group_dir / str(seed) / "result.json").read_text())
+        result.pop("run_dir")
+        found[seed] = (rows, {k: v.tolist() for k, v in weights.items()},
+                       {k: v.tolist() for k, v in best.items()}, result)
+    return found
+
+
+def assert_same_as(group_dir, reference_dir, seeds=(3, 4)):
+    """Bit for bit; on a mismatch, also say what each process ran on (provenance.json)."""
+    def ran_on(folder):
+        return [{k: e.get(k) for k in ("cpu_capability", "device_name", "host", "torch")}
+                for e in json.loads((folder / "provenance.json").read_text())["invocations"]]
+    assert outcome(group_dir, seeds) == outcome(reference_dir, seeds), \
+        f"resumed run on {ran_on(group_dir)}, reference on {ran_on(reference_dir)}"

@@ -1,6 +1,5 @@
 """Nothing lost: SIGKILL and SIGTERM part-way (even inside a checkpoint write), then
 --resume, gives the same weights and metrics as a run that was never interrupted."""
-import csv
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import torch
 
 from engine import checkpoint
 from config import ConfigError, load_yaml
-from conftest import ROOT, child_env, run_main, write_yaml
+from conftest import ROOT, assert_same_as, child_env, run_main, write_yaml
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -56,21 +55,6 @@ def wait_for_rows(csv_path, rows, proc, timeout=120):
     raise AssertionError("timed out")
 
 
-def outcome(group_dir, seeds=(3, 4)):
-    """What must match bit for bit: weights, and every metrics column but wall time."""
-    found = {}
-    for seed in seeds:
-        with open(group_dir / str(seed) / "metrics.csv") as f:
-            rows = [{k: v for k, v in r.items() if k != "wall_time"} for r in csv.DictReader(f)]
-        weights = torch.load(group_dir / str(seed) / "model.pt", weights_only=True)
-        best = torch.load(group_dir / str(seed) / "best.pt", weights_only=True)
-        result = json.loads((group_dir / str(seed) / "result.json").read_text())
-        result.pop("run_dir")
-        found[seed] = (rows, {k: v.tolist() for k, v in weights.items()},
-                       {k: v.tolist() for k, v in best.items()}, result)
-    return found
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The same config, never interrupted (trained once for the module)."""
@@ -80,15 +64,6 @@ def reference(tmp_path_factory):
                       cwd=folder)
     assert result.returncode == 0, result.stderr
     return folder / "runs" / "test" / "reference"
-
-
-def assert_same_as(group_dir, reference_dir, seeds=(3, 4)):
-    """Bit for bit; on a mismatch, also say what each process ran on (provenance.json)."""
-    def ran_on(folder):
-        return [{k: e.get(k) for k in ("cpu_capability", "device_name", "host", "torch")}
-                for e in json.loads((folder / "provenance.json").read_text())["invocations"]]
-    assert outcome(group_dir, seeds) == outcome(reference_dir, seeds), \
-        f"resumed run on {ran_on(group_dir)}, reference on {ran_on(reference_dir)}"
 
 
 def test_sigkill_then_resume_is_bit_identical(workdir, slow, reference):
@@ -137,6 +112,26 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(workdir, slow,
     resumed = run_main("--run_config", str(path), "--resume", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_as(group_dir, reference)
+
+
+def test_a_damaged_checkpoint_resumes_from_the_previous_one(workdir, slow, reference):
+    path = write_yaml(workdir / "c.yaml", {**slow, "group": "damaged"})
+    seed_dir = workdir / "runs" / "test" / "damaged" / "3"
+    proc = start(workdir, "--run_config", path)
+    wait_for_rows(seed_dir / "metrics.csv", 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    previous_epoch = checkpoint.load(seed_dir / "checkpoint.prev.pt")["epoch"]
+    data = (seed_dir / "checkpoint.pt").read_bytes()
+    (seed_dir / "checkpoint.pt").write_bytes(data[:len(data) // 2])  # a copy that stopped halfway
+
+    resumed = run_main("--run_config", str(path), "--resume", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [line for line in resumed.stderr.splitlines() if "checkpoint" in line] == [
+        "seed 3: runs/test/damaged/3/checkpoint.pt: cannot be read: truncated or corrupt (the archive is "
+        f"incomplete or fails its checksum); resumed from checkpoint.prev.pt (epoch {previous_epoch})"]
+    assert_same_as(seed_dir.parent, reference)
+    assert not (seed_dir / "checkpoint.prev.pt").exists()  # a finished seed keeps no previous one
 
 
 def test_sigterm_saves_mid_epoch_and_resumes_exactly(workdir, slow, reference):
