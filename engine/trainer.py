@@ -191,9 +191,6 @@ class Trainer:
         means = (totals / count).tolist()  # one host sync per evaluation
         return dict(zip(["val_loss", *metrics], means))
 
-    def improved(self, value: float) -> bool:
-        min_delta = self.settings.min_delta
-        return value < self.best - min_delta if self.settings.mode == "min" else value > self.best + min_delta
 
     # ---- the loop
 
@@ -212,7 +209,7 @@ class Trainer:
         hidden = {"disable": True} if self.rank != 0 else {}
         bar = tqdm(remaining, initial=self.epoch, total=settings.epochs, desc=desc, unit="epoch",
                    dynamic_ncols=True, **hidden)
-        with self.stop_on_signals():
+        with stop_on_signals(self.request_stop):
             for epoch in bar:
                 lr = self.optimizer.param_groups[0]["lr"]
                 train_loss = self.train_epoch(train_data)
@@ -233,7 +230,7 @@ class Trainer:
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                     self.status = "diverged"
                     break
-                if self.improved(value):
+                if improved(settings, self.best, value):
                     self.best, self.best_epoch = value, epoch
                     self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 elif settings.patience is not None and epoch - self.best_epoch >= settings.patience:
@@ -294,20 +291,26 @@ class Trainer:
         flag = torch.tensor([float(self.stop_requested)], device=self.device)
         return distributed.sum_across_ranks(flag).item() > 0
 
-    @contextmanager
-    def stop_on_signals(self):
-        """SIGINT/SIGTERM ask the loop to stop after the current batch (handlers must do
-        nothing heavy); the loop then saves a checkpoint and raises KeyboardInterrupt."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+    def request_stop(self) -> None:
+        self.stop_requested = True
 
-        def request_stop(signum, frame):
-            self.stop_requested = True
 
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+def improved(settings: Settings, best: float, value: float) -> bool:
+    """Whether `value` beats `best` by more than min_delta, in the direction of `mode`."""
+    return value < best - settings.min_delta if settings.mode == "min" else value > best + settings.min_delta
+
+
+@contextmanager
+def stop_on_signals(request_stop: Callable[[], None]):
+    """SIGINT/SIGTERM call `request_stop` (handlers must do nothing heavy): the loop then
+    stops after the current step, saves a checkpoint and raises KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: request_stop())
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -16,7 +16,7 @@ from engine import reproducibility
 from engine.reproducibility import set_seed
 from engine.run import run
 from engine.settings import Settings
-from engine.trainer import Trainer
+from engine.trainer import Trainer, improved
 from model import MLP
 from util import load_data
 
@@ -84,12 +84,10 @@ def test_early_stopping_keeps_and_reports_the_best_epoch():
 
 
 def test_max_mode_and_min_delta():
-    trainer = make_trainer(MLP({"nodes": 2, "layers": 1}), mode="max", min_delta=0.5)
-    trainer.best = 1.0
-    assert trainer.improved(2.0) and not trainer.improved(1.4)
-    trainer = make_trainer(MLP({"nodes": 2, "layers": 1}), mode="min", min_delta=0.5)
-    trainer.best = 1.0
-    assert trainer.improved(0.4) and not trainer.improved(0.6)
+    settings = Settings(epochs=1, batch_size=1, mode="max", min_delta=0.5)
+    assert improved(settings, 1.0, 2.0) and not improved(settings, 1.0, 1.4)
+    settings = Settings(epochs=1, batch_size=1, mode="min", min_delta=0.5)
+    assert improved(settings, 1.0, 0.4) and not improved(settings, 1.0, 0.6)
 
 
 def test_nan_stops_the_seed_cleanly():
