@@ -63,12 +63,13 @@ class RunResult:
 
 
 def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = (),
-        first_seed_callbacks: list[EpochCallback] = (), resume: bool = False,
+        labels: dict | None = None, first_seed_callbacks: list[EpochCallback] = (), resume: bool = False,
         overrides: list[str] = ()) -> RunResult:
     """Train one model per seed of `config`; write runs/<project>/<group>/<seed>/.
 
     With `resume`, finished seeds are kept and unfinished ones continue from their
-    checkpoints. `first_seed_callbacks` lets a search report the first seed's curve.
+    checkpoints. `first_seed_callbacks` lets a search report the first seed's curve; `tags`
+    and `labels` (keys for the config) mark each seed's wandb run.
     """
     config.check_device()
     rank, world, device = distributed.setup(config.device)  # torchrun: one process per rank
@@ -101,7 +102,7 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
             for index, seed in enumerate(config.seeds):
                 callbacks = list(first_seed_callbacks) if index == 0 else []
                 results.append(run_seed(config, group, group_dir / str(seed), seed, device,
-                                        (train_set, val_set), callbacks, tags))
+                                        (train_set, val_set), callbacks, tags, labels))
             status = "finished"
         except BaseException as e:  # interrupted, pruned or crashed: the record says which
             status = type(e).__name__
@@ -120,7 +121,7 @@ def build(config: RunConfig, device: str) -> tuple:
 
 
 def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: str, data: tuple,
-             callbacks: list[EpochCallback], tags: tuple[str, ...]) -> SeedResult:
+             callbacks: list[EpochCallback], tags: tuple[str, ...], labels: dict | None = None) -> SeedResult:
     """Train (or continue, or just report) one seed in run_dir."""
     done = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else {}
     longer = done.get("status") == "completed" and done.get("epochs_run", 0) < config.epochs
@@ -153,7 +154,7 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
             saved_best[0] = full_state["best_epoch"]
         checkpoint.save(run_dir / "checkpoint.pt", full_state)
 
-    logger = wandb_run.start(config, group, seed, tags, run_dir)
+    logger = wandb_run.start(config, group, seed, tags, run_dir, labels)
     with open(run_dir / "metrics.csv", "a", newline="") as csv_file:
         writer = csv.writer(csv_file)
 
@@ -161,7 +162,7 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
             writer.writerow([metrics[k] for k in columns])
             csv_file.flush()  # a crash keeps every finished epoch
 
-        log = [lambda epoch, metrics: logger.log(metrics, step=epoch)] if logger else []
+        log = [lambda epoch, metrics: wandb_run.log(logger, epoch, metrics)] if logger else []
         trainer = Trainer(model, optimizer, settings, scheduler=scheduler, criterion=criterion, device=device,
                           callbacks=[write_row, *log, *callbacks], on_checkpoint=save_checkpoint)
         outcome = "failed"

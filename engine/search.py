@@ -69,7 +69,8 @@ def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name
 
         if distributed.initialized():  # the other ranks train this same trial (follow_rank0)
             distributed.broadcast_from_rank0([(params, group)])
-        result = run(config, group=group, tags=("search", study_name), first_seed_callbacks=[report])
+        result = run(config, group=group, tags=("search", study_name),
+                     labels={"study": study_name, "trial": trial.number}, first_seed_callbacks=[report])
         trial.set_user_attr("seed_values", {str(s.seed): s.best_value for s in result.seeds})
         diverged = [s.seed for s in result.seeds if s.status == "diverged"]
         if diverged:  # a diverging configuration is an answer, not a crash: prune it
