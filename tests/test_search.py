@@ -104,14 +104,16 @@ def test_maximize_direction_follows_the_run_config(workdir, tiny):
         assert t.value == max(t.intermediate_values.values())
 
 
+LR = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}
+
+
 def bar_search(workdir, tiny, *extra):
     """A 2-trial search through main.py's own main(), in this process; what it wrote to stderr."""
     import main
     tiny.update(epochs=2)
     write_yaml(workdir / "c.yaml", tiny)
     write_yaml(workdir / "o.yaml", {"trials": 2, "seed": 0, "pruner": None, "study_name": "bar",
-                                    "search_space": {"optimizer_config": {"lr": {"type": "float", "min": 1e-3,
-                                                                                 "max": 1e-2}}}})
+                                    "search_space": LR})
     assert main.main(["--run_config", "c.yaml", "--optimize_config", "o.yaml", *extra]) == 0
 
 
@@ -137,9 +139,9 @@ def test_tqdm_disable_hides_the_bar_over_trials(workdir, tiny, monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")  # tqdm reads it when imported: a fresh process
     tiny.update(epochs=1)
     write_yaml(workdir / "o.yaml", {"trials": 1, "seed": 0, "pruner": None, "study_name": "quiet",
-                                    "search_space": {"optimizer_config": {"lr": {"type": "float", "min": 1e-3,
-                                                                                 "max": 1e-2}}}})
-    result = run_main("--run_config", str(write_yaml(workdir / "c.yaml", tiny)), "--optimize_config", "o.yaml",
-                      cwd=workdir)
+                                    "search_space": LR})
+    write_yaml(workdir / "c.yaml", tiny)
+    result = run_main("--run_config", "c.yaml", "--optimize_config", "o.yaml", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    assert "study quiet" not in result.stderr and "trial/s" not in result.stderr and "best trial" in result.stdout
+    assert "study quiet" not in result.stderr and "trial/s" not in result.stderr
+    assert "best trial" in result.stdout
