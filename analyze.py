@@ -4,6 +4,14 @@
     python analyze.py --project P --group G [--seed S]   # for scripts (all seeds without --seed)
     python analyze.py --study NAME [--project P]         # a study's report and its best trial
     python analyze.py --study NAME --storage URL         # a study in another Optuna storage
+    python analyze.py --study NAME --dashboard [--port P]  # Optuna Dashboard on 127.0.0.1, until Ctrl-C
+    python analyze.py --sync --project P --group G [--dry-run]  # wandb sync of the group's offline runs
+
+In a notebook (importing this file does nothing else):
+
+    from analyze import load_run, load_study
+    run = load_run("runs/<project>/<group>")   # .config, and per seed .models, .metrics, .results
+    study = load_study("NAME")                  # the Optuna study
 
 Each model is rebuilt from the config saved beside it and its weights are loaded
 with torch.load(weights_only=True). PNGs go to runs/<project>/<group>/plots/:
@@ -13,14 +21,18 @@ losses.png (train and validation loss of every seed).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.errors import ConfigError
 from engine.folders import RUNS_DIR
+from engine.plots import plot_losses, plot_prediction, read_metrics
+from engine.studies import find_study
 
 
 def choose(what: str, options: list[str]) -> str:
@@ -51,13 +63,61 @@ def seeds_in(group_dir: Path) -> list[str]:
 def load_model(group_dir: Path, seed: str, device: str):
     """(config, model with trained weights) from a run folder."""
     from config import RunConfig
-    from engine import checkpoint
     config = RunConfig.from_yaml(group_dir / "config.yaml")
+    return config, trained_model(config, group_dir / seed / "model.pt", device)
+
+
+def trained_model(config, weights: Path, device: str):
+    """The config's model with the weights in `weights`, ready for evaluation."""
+    from engine import checkpoint
     model = config.create_model(device)
     # weights_only: a weights file never runs code, whoever wrote it.
-    model.load_state_dict(checkpoint.load(group_dir / seed / "model.pt"))
+    model.load_state_dict(checkpoint.load(weights))
     model.eval()
-    return config, model
+    return model
+
+
+@dataclass
+class LoadedRun:
+    """A run folder, per seed: `models[seed]` (its best weights), `metrics[seed][column]`
+    (metrics.csv, one number per epoch) and `results[seed]` (result.json)."""
+    config: Any  # config.RunConfig
+    models: dict[int, Any]
+    metrics: dict[int, dict[str, Any]]  # column -> numpy array
+    results: dict[int, dict]
+
+
+def load_run(path: str | Path, device: str = "cpu") -> LoadedRun:
+    """Load runs/<project>/<group>/ for a notebook. A seed still training gives its best
+    weights so far (best.pt) and the epochs it has written."""
+    import numpy as np
+    from config import RunConfig
+    group_dir = run_folder(Path(path))
+    config = RunConfig.from_yaml(group_dir / "config.yaml")
+    run = LoadedRun(config, {}, {}, {})
+    rows = read_metrics(group_dir)
+    for seed in config.seeds:
+        seed_dir = group_dir / str(seed)
+        weights = [f for f in (seed_dir / "model.pt", seed_dir / "best.pt") if f.exists()]
+        if weights:
+            run.models[seed] = trained_model(config, weights[0], device)
+        if str(seed) in rows:
+            run.metrics[seed] = {k: np.array([row[k] for row in rows[str(seed)]], dtype=float)
+                                 for k in config.columns()}
+        if (seed_dir / "result.json").exists():
+            run.results[seed] = json.loads((seed_dir / "result.json").read_text())
+    return run
+
+
+def run_folder(path: Path) -> Path:
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(str(path), "", "is not a run folder (runs/<project>/<group>/ with a config.yaml)")
+    return path
+
+
+def load_study(name: str, storage: str | None = None):
+    """The Optuna study `name`: from `storage`, or else from runs/<project>/optuna.db."""
+    return find_study(name, None, storage)
 
 
 def validation_loss(config, model, val_set, device: str) -> float:
@@ -65,70 +125,6 @@ def validation_loss(config, model, val_set, device: str) -> float:
     trainer = Trainer(model, None, config.trainer_settings(), criterion=config.create_criterion(),
                       device=device)
     return trainer.evaluate(trainer.on_device(val_set))["val_loss"]
-
-
-def plot_prediction(model, val_set, device: str, path: Path, title: str) -> None:
-    import matplotlib.pyplot as plt
-    import torch
-    x, y = (torch.stack(t) for t in zip(*(val_set[i] for i in range(len(val_set)))))
-    with torch.inference_mode():
-        pred = model(x.to(device)).cpu()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if x.reshape(len(x), -1).shape[1] == 1 and y.reshape(len(y), -1).shape[1] == 1:
-        order = x.reshape(-1).argsort()
-        ax.scatter(x.reshape(-1), y.reshape(-1), s=4, alpha=0.35, label="truth")
-        ax.plot(x.reshape(-1)[order], pred.reshape(-1)[order], color="C3", lw=2, label="prediction")
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
-    else:  # many inputs or outputs: truth against prediction, ideal on the diagonal
-        ax.scatter(y.reshape(-1), pred.reshape(-1), s=4, alpha=0.35)
-        low, high = float(y.min()), float(y.max())
-        ax.plot([low, high], [low, high], color="C3", lw=1, label="ideal")
-        ax.set_xlabel("truth")
-        ax.set_ylabel("prediction")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def read_metrics(group_dir: Path) -> dict[str, list[dict]]:
-    """{seed: rows of metrics.csv} for every seed folder that has one."""
-    found = {}
-    for seed in folders(group_dir):
-        if (group_dir / seed / "metrics.csv").exists():
-            with open(group_dir / seed / "metrics.csv") as f:
-                found[seed] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    return found
-
-
-def plot_losses(group_dir: Path, path: Path) -> None:
-    """Every seed's validation loss (thin), and the mean ± std over seeds (line and band)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    runs = read_metrics(group_dir)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (seed, rows) in enumerate(runs.items()):
-        ax.plot([r["epoch"] for r in rows], [r["val_loss"] for r in rows], color=f"C{i}", lw=0.8,
-                alpha=0.6, label=f"seed {seed}")
-    for column, style in (("val_loss", "-"), ("train_loss", "--")):
-        last = max((len(rows) for rows in runs.values()), default=0)
-        # Seeds that stopped early leave the band where they stopped.
-        per_epoch = [[rows[e][column] for rows in runs.values() if e < len(rows)] for e in range(last)]
-        mean = np.array([np.mean(v) for v in per_epoch])
-        std = np.array([np.std(v) for v in per_epoch])
-        epochs = np.arange(1, last + 1)
-        ax.plot(epochs, mean, ls=style, color="black", lw=2, label=f"{column} mean ± std")
-        ax.fill_between(epochs, mean - std, mean + std, color="black", alpha=0.12)
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_title(group_dir.name)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def analyze_group(group_dir: Path, seeds: list[str], device: str) -> dict[str, float]:
@@ -148,37 +144,6 @@ def analyze_group(group_dir: Path, seeds: list[str], device: str) -> dict[str, f
     plot_losses(group_dir, plots / "losses.png")
     print(f"plots: {plots}/")
     return losses
-
-
-def find_study(name: str, project: str | None, storage: str | None):
-    """Load study `name` from `storage`, or else from runs/<project>/optuna.db (every project
-    when none is given)."""
-    import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if storage:
-        try:
-            names = optuna.get_all_study_names(storage)
-        except Exception as e:  # a bad URL, a missing driver, a server that does not answer
-            reason = str(e).splitlines()[0] if str(e) else ""
-            raise ConfigError("--storage", "", f"cannot open {hide_password(storage)}: "
-                                               f"{type(e).__name__}: {reason}") from None
-        places = [(storage, names)]
-    else:
-        databases = [RUNS_DIR / p / "optuna.db" for p in ([project] if project else folders(RUNS_DIR))]
-        databases = [db for db in databases if db.exists()]
-        places = [(f"sqlite:///{db}", optuna.get_all_study_names(f"sqlite:///{db}")) for db in databases]
-    for url, names in places:
-        if name in names:
-            return optuna.load_study(study_name=name, storage=url)
-    where = hide_password(storage) if storage else \
-        ", ".join(str(db) for db in databases) or f"{RUNS_DIR}/ (no optuna.db found)"
-    raise ConfigError("--study", "", f"no study '{name}' in {where}")
-
-
-def hide_password(url: str) -> str:
-    """An Optuna storage URL fit to print: user:secret@host becomes user:***@host."""
-    import re
-    return re.sub(r"(//[^/:@]+:)[^/@]+@", r"\1***@", url)
 
 
 def edge_warnings(trial, margin: float = 0.05) -> list[str]:
@@ -291,6 +256,29 @@ def report_study(args: argparse.Namespace) -> int:
     return 0 if report["best"] is not None else 1
 
 
+def dashboard(args: argparse.Namespace) -> int:
+    """--study --dashboard: Optuna Dashboard over the study's storage, until Ctrl-C."""
+    from engine.studies import serve_dashboard, study_storage
+    serve_dashboard(args.study, study_storage(args.study, args.project, args.storage),
+                    8080 if args.port is None else args.port)
+    return 0
+
+
+def sync(args: argparse.Namespace) -> int:
+    """--sync: `wandb sync` over the group's offline runs; --dry-run prints the command only."""
+    import shlex
+
+    from engine.wandb_run import offline_runs, sync_command
+    if not (args.project and args.group):
+        raise ConfigError("--sync", "", "give --project and --group")
+    group_dir = run_folder(RUNS_DIR / args.project / args.group)
+    if not offline_runs(group_dir):
+        raise ConfigError(str(group_dir), "", "holds no offline wandb run")
+    command = sync_command(group_dir)
+    print(shlex.join(command), flush=True)
+    return 0 if args.dry_run else subprocess.run(command).returncode
+
+
 def report_runs(args: argparse.Namespace) -> int:
     """A group's seeds: asked for at a terminal, given by --project/--group/--seed otherwise."""
     interactive = not (args.project and args.group)
@@ -327,11 +315,25 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: runs/<project>/optuna.db)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="with --study: print the report as JSON")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="with --study: serve Optuna Dashboard on 127.0.0.1 until Ctrl-C")
+    parser.add_argument("--port", type=int, help="with --dashboard: the port (default 8080; 0 = a free one)")
+    parser.add_argument("--sync", action="store_true",
+                        help="with --project and --group: upload the group's offline wandb runs (wandb sync)")
+    parser.add_argument("--dry-run", action="store_true", help="with --sync: print the command, run nothing")
     args = parser.parse_args(argv)
     sys.path.insert(1, os.getcwd())
     try:
-        if args.storage and not args.study:
-            raise ConfigError("--storage", "", "only --study uses it")
+        for flag, given, needed, present in (("--storage", args.storage, "--study", args.study),
+                                             ("--dashboard", args.dashboard, "--study", args.study),
+                                             ("--port", args.port is not None, "--dashboard", args.dashboard),
+                                             ("--dry-run", args.dry_run, "--sync", args.sync)):
+            if given and not present:  # never silently ignored
+                raise ConfigError(flag, "", f"only {needed} uses it")
+        if args.sync:
+            return sync(args)
+        if args.dashboard:
+            return dashboard(args)
         return report_study(args) if args.study else report_runs(args)
     except ConfigError as e:  # bad input: one line, exit 2, as in main.py
         print(f"error: {e}", file=sys.stderr)

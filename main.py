@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             elif workers > 1:
                 command = argv if argv is not None else sys.argv[1:]
                 study = run_workers(command, workers, run_config, opt_config)
-            else:
-                study = run_study(run_config, opt_config)
+            else:  # each of K workers runs with --workers 1, and draws no bar over the trials
+                study = run_study(run_config, opt_config, worker=args.workers is not None)
             text, best_path = report_best(study, run_config)
             print(text)
             return 0 if best_path else 1

@@ -9,11 +9,13 @@ model.py, your data and metrics in util.py, your experiment in a YAML file under
     batches.py          how the loop draws batches (in-memory tensors, DataLoader, torchrun ranks)
     run.py              run(): one model per seed, and what each seed writes
     folders.py          runs/<project>/<group>/: where results go, and the checks before writing
-    wandb_run.py        one wandb run per seed, offline without credentials
+    wandb_run.py        one wandb run per seed, offline without credentials; a group's offline runs
     checkpoint.py       atomic writes, weights-only loads, RNG states
     reproducibility.py  seeding, the deterministic switch, a oneMKL workaround
     distributed.py      torchrun's process group and the few collectives the loop needs
     search.py           the Optuna study whose trials are run() calls
+    studies.py          where a study is, and Optuna Dashboard over it
+    plots.py            the PNGs analyze.py draws
     search_space.py     the search space's checks, and sampling it through a trial
     pruner.py           PFLPruner, the predicted-final-loss pruner
     preflight.py        --preflight: one checked batch through the real training step

@@ -68,12 +68,13 @@ class RunResult:
 
 
 def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = (),
-        first_seed_callbacks: list[EpochCallback] = (), resume: bool = False,
+        labels: dict | None = None, first_seed_callbacks: list[EpochCallback] = (), resume: bool = False,
         overrides: list[str] = ()) -> RunResult:
     """Train one model per seed of `config`; write runs/<project>/<group>/<seed>/.
 
     With `resume`, finished seeds are kept and unfinished ones continue from their
-    checkpoints. `first_seed_callbacks` lets a search report the first seed's curve.
+    checkpoints. `first_seed_callbacks` lets a search report the first seed's curve; `tags`
+    and `labels` (keys for the config) mark each seed's wandb run.
     """
     config.check_device()
     rank, world, device = distributed.setup(config.device)  # torchrun: one process per rank
@@ -115,7 +116,7 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
                         busy.append(seed)
                         continue
                     results.append(run_seed(config, group, group_dir / str(seed), seed, device,
-                                            (train_set, val_set), callbacks, tags))
+                                            (train_set, val_set), callbacks, tags, labels))
             status = "finished"
         except BaseException as e:  # interrupted, pruned or crashed: the record says which
             status = type(e).__name__
@@ -177,7 +178,7 @@ def checkpoint_to_resume(run_dir: Path, seed: int) -> tuple[Path | None, str | N
 
 
 def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: str, data: tuple,
-             callbacks: list[EpochCallback], tags: tuple[str, ...]) -> SeedResult:
+             callbacks: list[EpochCallback], tags: tuple[str, ...], labels: dict | None = None) -> SeedResult:
     """Train (or continue, or just report) one seed in run_dir."""
     done = finished(config, run_dir)
     if done:
@@ -212,7 +213,7 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
             saved_best[0] = full_state["best_epoch"]
         checkpoint.save(run_dir / "checkpoint.pt", full_state, keep_previous=True)
 
-    logger = wandb_run.start(config, group, seed, tags, run_dir)
+    logger = wandb_run.start(config, group, seed, tags, run_dir, labels)
     with open(run_dir / "metrics.csv", "a", newline="") as csv_file:
         writer = csv.writer(csv_file)
 
@@ -224,7 +225,7 @@ def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: st
                 raise checkpoint.WriteError(e.errno, f"{run_dir / 'metrics.csv'}: cannot write the row of "
                                                      f"epoch {epoch}: {e.strerror}") from None
 
-        log = [lambda epoch, metrics: logger.log(metrics, step=epoch)] if logger else []
+        log = [lambda epoch, metrics: wandb_run.log(logger, epoch, metrics)] if logger else []
         trainer = Trainer(model, optimizer, settings, scheduler=scheduler, criterion=criterion, device=device,
                           callbacks=[write_row, *log, *callbacks], on_checkpoint=save_checkpoint)
         outcome = "failed"

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import optuna
 import torch
 from optuna.trial import TrialState
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from engine import distributed
 from engine.folders import RUNS_DIR, TEMPLATE_DIR
@@ -67,7 +69,8 @@ def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name
 
         if distributed.initialized():  # the other ranks train this same trial (follow_rank0)
             distributed.broadcast_from_rank0([(params, group)])
-        result = run(config, group=group, tags=("search", study_name), first_seed_callbacks=[report])
+        result = run(config, group=group, tags=("search", study_name),
+                     labels={"study": study_name, "trial": trial.number}, first_seed_callbacks=[report])
         trial.set_user_attr("seed_values", {str(s.seed): s.best_value for s in result.seeds})
         diverged = [s.seed for s in result.seeds if s.status == "diverged"]
         if diverged:  # a diverging configuration is an answer, not a crash: prune it
@@ -96,11 +99,13 @@ def open_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Stud
         direction=run_config.direction, load_if_exists=True)
 
 
-def run_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study:
+def run_study(run_config: RunConfig, opt_config: OptimizeConfig, worker: bool = False) -> optuna.Study:
     """Create or continue the study and run it until it has `trials` finished trials.
-    Several processes may run this on one study at once (see run_workers)."""
+    Several processes may run this on one study at once (see run_workers); a `worker`, like
+    a Slurm job, draws no bar over the trials: its output goes to a log."""
     study = open_study(run_config, opt_config)
-    remaining = opt_config.trials - len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+    remaining = opt_config.trials - finished
     if remaining > 0:
         objective = make_objective(run_config, opt_config, study.study_name)
 
@@ -117,7 +122,23 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study
         # Finished or running anywhere: what every worker sees, so they stop together.
         stop_when_full = optuna.study.MaxTrialsCallback(opt_config.trials,
                                                         states=(*FINISHED_STATES, TrialState.RUNNING))
-        study.optimize(claimed, n_trials=remaining, catch=(Exception,), callbacks=[stop_when_full])
+        # The bar over trials opens first, so tqdm draws each seed's epoch bar below it.
+        # `disable` is passed only to hide it, so that TQDM_DISABLE=1 still hides it too.
+        hidden = {"disable": True} if worker or "SLURM_JOB_ID" in os.environ else {}
+        bar = tqdm(total=opt_config.trials, initial=finished, desc=f"study {study.study_name}",
+                   unit="trial", dynamic_ncols=True, **hidden)
+
+        def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None) -> None:
+            done = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))  # other workers' too
+            bar.update(min(done, opt_config.trials) - bar.n)
+            if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                bar.set_postfix(best=f"{study.best_value:.4g}")
+
+        advance(study)
+        # Optuna's log lines go above the bars instead of through them.
+        with bar, logging_redirect_tqdm([optuna.logging.get_logger("optuna")]):
+            study.optimize(claimed, n_trials=remaining, catch=(Exception,),
+                           callbacks=[stop_when_full, advance])
     return study
 
 

@@ -207,8 +207,10 @@ class Trainer:
         # Only rank 0 draws a bar. `disable` is not passed otherwise, so that tqdm's own
         # TQDM_DISABLE=1 (tqdm reads TQDM_* defaults from the environment) still hides it.
         hidden = {"disable": True} if self.rank != 0 else {}
+        # leave=None: a bar stays on screen when it is the only one, and goes when it sits
+        # below a search's bar over trials (which it would otherwise overwrite).
         bar = tqdm(remaining, initial=self.epoch, total=settings.epochs, desc=desc, unit="epoch",
-                   dynamic_ncols=True, **hidden)
+                   dynamic_ncols=True, leave=None, **hidden)
         with stop_on_signals(self.request_stop):
             for epoch in bar:
                 lr = self.optimizer.param_groups[0]["lr"]

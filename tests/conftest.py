@@ -3,6 +3,7 @@ and a helper that runs main.py as a user would (a subprocess)."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,20 @@ def assert_same_as(group_dir, reference_dir, seeds=(3, 4)):
                 for e in json.loads((folder / "provenance.json").read_text())["invocations"]]
     assert outcome(group_dir, seeds) == outcome(reference_dir, seeds), \
         f"resumed run on {ran_on(group_dir)}, reference on {ran_on(reference_dir)}"
+
+
+def skip_or_fail(reason: str, variable: str) -> None:
+    """A tool a test needs is missing: skip with the reason, or fail where `variable` is set
+    (.ci/run installs the tool and sets it, so CI never skips the test)."""
+    if os.environ.get(variable):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def logged_config(run_folder: Path, key: str):
+    """A key of an offline wandb run's config, read from its transaction log (run-<id>.wandb):
+    a config item is the key, then its JSON value (protobuf field 16, length-prefixed)."""
+    (log,) = run_folder.glob("run-*.wandb")
+    data = log.read_bytes()
+    item = re.search(b"\n" + bytes([len(key)]) + re.escape(key.encode()) + rb"\x82\x01(.)", data, flags=re.S)
+    return json.loads(data[item.end():item.end() + item.group(1)[0]])

@@ -10,6 +10,7 @@ import analyze
 from config import OptimizeConfig, RunConfig
 from conftest import ROOT, child_env
 from engine.search import run_study
+from engine.errors import ConfigError
 from engine.run import run
 
 
@@ -113,3 +114,37 @@ def test_bad_study_arguments_are_one_line(workdir, args, line):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(line) and len(done.stderr.splitlines()) == 1
     assert "secret" not in done.stderr and not (workdir / "runs").exists()
+
+
+def test_load_run_gives_the_config_and_each_seeds_model_metrics_and_result(workdir, tiny):
+    import numpy as np
+    tiny["seeds"] = [1, 2]
+    result = run(RunConfig.from_dict(tiny))
+    loaded = analyze.load_run(result.group_dir)
+    assert loaded.config == RunConfig.from_yaml(result.group_dir / "config.yaml")
+    _, val_set = loaded.config.load_data()
+    for seed in result.seeds:
+        metrics = loaded.metrics[seed.seed]
+        assert list(metrics) == loaded.config.columns()
+        assert all(isinstance(v, np.ndarray) and len(v) == tiny["epochs"] for v in metrics.values())
+        assert metrics["val_loss"].min() == pytest.approx(seed.best_value)
+        assert loaded.results[seed.seed]["status"] == "completed"
+        assert loaded.results[seed.seed]["best_value"] == seed.best_value
+        # The best epoch's weights: they give back the best validation loss.
+        model = loaded.models[seed.seed]
+        assert analyze.validation_loss(loaded.config, model, val_set, "cpu") == pytest.approx(seed.best_value,
+                                                                                            rel=1e-5)
+
+
+def test_load_study_and_bad_input(workdir, tiny):
+    tiny["epochs"] = 2
+    opt = OptimizeConfig.from_dict({"trials": 2, "seed": 0, "study_name": "nb", "pruner": None,
+                                    "search_space": {"optimizer_config": {"lr": {"type": "float", "min": 1e-3,
+                                                                                 "max": 1e-2}}}})
+    study = run_study(RunConfig.from_dict(tiny), opt)
+    loaded = analyze.load_study("nb")
+    assert loaded.best_trial.number == study.best_trial.number and len(loaded.trials) == 2
+    with pytest.raises(ConfigError, match="no study 'missing'"):
+        analyze.load_study("missing")
+    with pytest.raises(ConfigError, match="is not a run folder"):
+        analyze.load_run(workdir / "runs" / "test")

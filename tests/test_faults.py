@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_as, child_env, run_main, write_yaml
+from conftest import ROOT, assert_same_as, child_env, run_main, skip_or_fail, write_yaml
 from engine import checkpoint
 from engine.errors import ConfigError
 
@@ -34,9 +34,7 @@ def small_disk(workdir):
     if mounted is None or mounted.returncode != 0:
         reason = ("mounting a size-limited tmpfs needs root" if mounted is None else
                   f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-        if os.environ.get("REQUIRE_TMPFS"):
-            pytest.fail(reason)  # CI runs as root: there it must run
-        pytest.skip(reason)
+        skip_or_fail(reason, "REQUIRE_TMPFS")  # CI runs as root: there it must run
     yield runs
     subprocess.run(["umount", str(runs)], check=True)
 

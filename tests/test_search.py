@@ -102,3 +102,46 @@ def test_maximize_direction_follows_the_run_config(workdir, tiny):
     assert study.best_value == max(t.value for t in study.get_trials() if t.value is not None)
     for t in study.get_trials():
         assert t.value == max(t.intermediate_values.values())
+
+
+LR = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}
+
+
+def bar_search(workdir, tiny, *extra):
+    """A 2-trial search through main.py's own main(), in this process; what it wrote to stderr."""
+    import main
+    tiny.update(epochs=2)
+    write_yaml(workdir / "c.yaml", tiny)
+    write_yaml(workdir / "o.yaml", {"trials": 2, "seed": 0, "pruner": None, "study_name": "bar",
+                                    "search_space": LR})
+    assert main.main(["--run_config", "c.yaml", "--optimize_config", "o.yaml", *extra]) == 0
+
+
+def test_a_search_draws_one_bar_over_its_trials_above_the_seed_bars(workdir, tiny, capsys):
+    bar_search(workdir, tiny)
+    err = capsys.readouterr().err
+    best = optuna.load_study(study_name="bar", storage=f"sqlite:///{workdir}/runs/test/optuna.db").best_value
+    assert "study bar:   0%|" in err and "2/2 [" in err and f"best={best:.4g}]" in err
+    assert err.index("study bar:") < err.index("bar_t0000 seed 7:")  # opened first: drawn above
+
+
+@pytest.mark.parametrize("extra,env", [(["--workers", "1"], {}), ([], {"SLURM_JOB_ID": "123"})])
+def test_workers_and_slurm_jobs_draw_no_bar_over_trials(workdir, tiny, capsys, monkeypatch, extra, env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    bar_search(workdir, tiny, *extra)
+    err = capsys.readouterr().err
+    assert "study bar" not in err and "bar_t0001 seed 7:" in err  # the seeds' bars still draw
+
+
+@pytest.mark.slow
+def test_tqdm_disable_hides_the_bar_over_trials(workdir, tiny, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # tqdm reads it when imported: a fresh process
+    tiny.update(epochs=1)
+    write_yaml(workdir / "o.yaml", {"trials": 1, "seed": 0, "pruner": None, "study_name": "quiet",
+                                    "search_space": LR})
+    write_yaml(workdir / "c.yaml", tiny)
+    result = run_main("--run_config", "c.yaml", "--optimize_config", "o.yaml", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "study quiet" not in result.stderr and "trial/s" not in result.stderr
+    assert "best trial" in result.stdout

@@ -1,7 +1,6 @@
 """The Trainer and run(): per-sample losses, best weights on early stopping, NaN,
 bit-identical reruns, wandb offline and always closed."""
 import csv
-import json
 import math
 import re
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from config import RunConfig
-from conftest import PlainDataset
+from conftest import PlainDataset, logged_config
 from engine import reproducibility
 from engine.reproducibility import set_seed
 from engine.run import run
@@ -142,11 +141,8 @@ def test_wandb_offline_runs_are_written_grouped_per_seed(workdir, tiny):
     for folder in offline:
         (log,) = folder.glob("run-*.wandb")
         assert log.stat().st_size > 0  # what `wandb sync` uploads later
-        # The run's config records the group actually used, not the config's null default:
-        # a config item is key "group", then its JSON value (protobuf field 16, length-prefixed).
-        data = log.read_bytes()
-        item = re.search(rb"\n\x05group\x82\x01(.)", data, flags=re.S)
-        assert json.loads(data[item.end():item.end() + item.group(1)[0]]) == result.group_dir.name
+        # The run's config records the group actually used, not the config's null default.
+        assert logged_config(folder, "group") == result.group_dir.name
     import wandb
     assert wandb.run is None
     assert len(result.seeds) == 2

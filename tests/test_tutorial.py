@@ -172,3 +172,25 @@ def test_the_readmes_notebook_code_runs_as_written(monkeypatch, capsys):
     result = namespace["result"]
     assert result.status == "completed" and len(result.history) == 2
     assert (ROOT / "runs").exists() == had_runs  # the Trainer alone writes no run folder
+
+
+def test_the_readmes_load_run_example_runs_as_written(workdir, tiny, capsys):
+    """The README's load_run/load_study block, on a real tiny run and study of its own."""
+    from config import OptimizeConfig
+    from engine.search import run_study
+    section = (ROOT / "README.md").read_text().split("## In a notebook", 1)[1]
+    code = section.split("```python\nfrom analyze import", 1)[1].split("```", 1)[0]
+    tiny.update(seeds=[3, 4], epochs=2)
+    group_dir = run(RunConfig.from_dict(tiny)).group_dir
+    opt = OptimizeConfig.from_dict({"trials": 1, "seed": 0, "study_name": "my_study", "pruner": None,
+                                    "search_space": {"net_config": {"nodes": {"type": "categorical",
+                                                                              "choices": [4, 8]}}}})
+    study = run_study(RunConfig.from_dict(tiny), opt)
+    capsys.readouterr()
+    namespace = {}
+    exec("from analyze import" + code.replace("runs/pytorch_template/MLP_0123456789",
+                                              f"runs/test/{group_dir.name}"), namespace)
+    assert namespace["seed"] == 3 and len(namespace["curve"]) == 2
+    assert isinstance(namespace["model"], torch.nn.Module) and not namespace["model"].training
+    assert capsys.readouterr().out == (f"seed 3: {namespace['best']:.4g} after 2 epochs; "
+                                       f"best trial {study.best_trial.params}\n")

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, child_env, run_main, write_yaml
+from conftest import ROOT, child_env, run_main, skip_or_fail, write_yaml
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -71,10 +71,8 @@ def postgres():
     """A throwaway PostgreSQL server on a free loopback port, stopped afterwards."""
     bindir = _postgres_bin()
     if bindir is None:
-        reason = "PostgreSQL server binaries (initdb, pg_ctl) not found; .ci/run installs Debian's postgresql"
-        if os.environ.get("REQUIRE_POSTGRES"):
-            pytest.fail(reason)  # CI must run this test
-        pytest.skip(reason)
+        skip_or_fail("PostgreSQL server binaries (initdb, pg_ctl) not found; .ci/run installs Debian's "
+                     "postgresql", "REQUIRE_POSTGRES")
     pytest.importorskip("psycopg", reason="the psycopg driver (requirements-dev.txt) is not installed")
     # Its own folder outside pytest's (which only root may enter): the server runs as `postgres`.
     home = Path(tempfile.mkdtemp(prefix="pg-test-"))
