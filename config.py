@@ -33,8 +33,9 @@ __all__ = ["ConfigError", "RunConfig", "OptimizeConfig", "load_yaml", "resolve"]
 
 # Keys that change how long, where, how fast or how visibly a group trains, not what it
 # trains: they are left out of the group's name, and a --resume may change them.
-RUN_ONLY_KEYS = ("group", "seeds", "epochs", "device", "wandb", "checkpoint_every_s",
-                 "trainer.compile", "trainer.num_workers", "trainer.pin_memory", "trainer.persistent_workers")
+RUN_ONLY_KEYS = ("group", "seeds", "epochs", "device", "wandb", "checkpoint_every_s", "trainer.compile",
+                 "trainer.num_workers", "trainer.pin_memory", "trainer.persistent_workers",
+                 "trainer.vectorize_seeds")
 DIRECTIONS = {"min": "minimize", "max": "maximize"}
 
 
@@ -56,6 +57,7 @@ class TrainerConfig:
     num_workers: int = 0                 # DataLoader settings, used for datasets that are
     pin_memory: bool = False             # not in-memory tensors
     persistent_workers: bool = False
+    vectorize_seeds: bool = True         # train the seeds as one stacked model where the model allows it
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,9 @@ class RunConfig:
         data = self.to_dict()
         for key in (k for k in RUN_ONLY_KEYS if k not in keep):
             section, _, name = key.partition(".")
-            if name:
+            if name == "vectorize_seeds":  # newer than the group names on disk: never in them
+                del data[section][name]
+            elif name:
                 data[section][name] = getattr(TrainerConfig(), name)
             else:
                 del data[key]
@@ -253,7 +257,8 @@ class RunConfig:
 
     def trainer_settings(self) -> Settings:
         """The loop's settings: all the Trainer reads of a config."""
-        options = {k: v for k, v in dataclasses.asdict(self.trainer).items() if k != "deterministic"}
+        options = {k: v for k, v in dataclasses.asdict(self.trainer).items()
+                   if k not in ("deterministic", "vectorize_seeds")}
         return Settings(epochs=self.epochs, batch_size=self.batch_size, monitor=self.monitor, mode=self.mode,
                         patience=self.early_stopping.patience, min_delta=self.early_stopping.min_delta,
                         checkpoint_every_s=self.checkpoint_every_s, metrics=self.metric_functions(),

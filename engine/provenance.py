@@ -55,8 +55,10 @@ def _version(package: str) -> str | None:
         return None
 
 
-def start(group_dir: Path, config_hash: str, device: str, overrides: list[str]) -> dict:
-    """Append this invocation to provenance.json and return its entry (see finish)."""
+def start(group_dir: Path, config_hash: str, device: str, overrides: list[str],
+          how: dict | None = None) -> dict:
+    """Append this invocation to provenance.json and return its entry (see finish). `how` says
+    how the seeds train (together, or one by one and why)."""
     status = _git("status", "--porcelain")
     entry = {
         "id": secrets.token_hex(4),  # finish() updates this entry, whatever others append meanwhile
@@ -78,6 +80,7 @@ def start(group_dir: Path, config_hash: str, device: str, overrides: list[str]) 
         "cwd": os.getcwd(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ended": None,
+        **(how or {}),
     }
     _append(group_dir / "provenance.json", config_hash, entry)
     return entry

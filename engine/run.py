@@ -13,9 +13,7 @@ trains and only rank 0 writes.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import json
 import math
 import statistics
 import sys
@@ -23,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from engine import checkpoint, distributed, provenance, wandb_run
+from engine import distributed, provenance, vectorized
 from engine.errors import ConfigError
-from engine.folders import FINISHED_STATUSES, RUNS_DIR, check_group, claim_seeds, lock
+from engine.folders import RUNS_DIR, check_group, claim_seeds, lock
 from engine.reproducibility import determinism, set_seed
+from engine.seed_files import (SeedFiles, checkpoint_to_resume, finished, resume_state,
+                               states_at_one_position)
 from engine.trainer import EpochCallback, SeedResult, Trainer
+from engine.vectorized import SeedStack
 
 if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
     from config import RunConfig
@@ -87,6 +88,14 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         train_set, val_set = config.load_data()
         set_seed(config.seeds[0])
         build(config, device)  # a throwaway build: a bad net_config fails before any file exists
+        vectorize = config.trainer.vectorize_seeds and len(config.seeds) > 1
+        if vectorize:  # decided once, before anything is written: a one-batch trial of the real step
+            reason = vectorized.why_not(config, config.trainer_settings(), device, world, train_set, val_set)
+            if reason is not None and rank == 0:
+                print(f"seeds train one after another: {reason}", file=sys.stderr)
+            vectorize = reason is None
+        else:
+            reason = "trainer.vectorize_seeds is false" if len(config.seeds) > 1 else "one seed"
         group = group or config.group_name()
         group_dir = RUNS_DIR / config.project / group
         check_group(config, group_dir, resume)  # every rank reads the same files, so all agree
@@ -102,14 +111,19 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
                 comment = f"merged from {config.source}" + (f"\noverrides: {' '.join(overrides)}"
                                                             if overrides else "")
                 config.with_overrides({"group": group}).to_yaml(group_dir / "config.yaml", comment=comment)
-                record = provenance.start(group_dir, config.config_hash(), device, list(overrides))
+                record = provenance.start(group_dir, config.config_hash(), device, list(overrides),
+                                          {"vectorized": vectorize, "one_by_one_because": reason})
             except OSError as e:
                 raise ConfigError(str(group_dir), "",
                                   f"cannot write the run folder: {e.strerror or e}") from None
         distributed.barrier()
         results, busy, status = [], [], "failed"
         try:
-            for index, seed in enumerate(config.seeds):
+            together = vectorize and run_together(config, group, group_dir, device, (train_set, val_set),
+                                                  first_seed_callbacks, tags, labels)
+            if together:
+                results, busy = together
+            for index, seed in enumerate(config.seeds if not together else ()):
                 callbacks = list(first_seed_callbacks) if index == 0 else []
                 with seed_lock(group_dir / str(seed)) as mine:
                     if not mine:  # another process (--resume) is training it
@@ -147,107 +161,68 @@ def build(config: RunConfig, device: str) -> tuple:
     return model, optimizer, config.create_scheduler(optimizer), config.create_criterion()
 
 
-def finished(config: RunConfig, run_dir: Path) -> dict | None:
-    """The seed's result.json when it has nothing left to train (unless `epochs` was raised)."""
-    done = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else {}
-    longer = done.get("status") == "completed" and done.get("epochs_run", 0) < config.epochs
-    return done if done.get("status") in FINISHED_STATUSES and not longer else None
-
-
-def checkpoint_to_resume(run_dir: Path, seed: int) -> tuple[Path | None, str | None]:
-    """The checkpoint a seed resumes from, and why it is not checkpoint.pt: checkpoint.prev.pt when
-    the newest is damaged, or missing (a kill between a save's two renames). Checksums only."""
-    newest = run_dir / "checkpoint.pt"
-    found = [p for p in (newest, checkpoint.previous_of(newest)) if p.exists()]
-    problems = {}
-    for path in found:
-        problems[path] = checkpoint.damage(path)
-        if problems[path] is None:
-            return path, None if path == newest else f"{newest}: {problems.get(newest, 'missing')}"
-    if not found:
-        return None, None
-    kept = ["best.pt"] if (run_dir / "best.pt").exists() else []
-    with contextlib.suppress(OSError, csv.Error):
-        with open(run_dir / "metrics.csv") as f:
-            epochs = [row["epoch"] for row in csv.DictReader(f)]
-        if epochs:
-            kept.append(f"metrics.csv up to epoch {epochs[-1]}")
-    names, kept = " and ".join(p.name for p in found), ", ".join(kept) or "nothing"
-    raise checkpoint.Unreadable(str(found[0]), "", f"{problems[found[0]]}; kept: {kept}; delete {names} "
-                                f"to train seed {seed} again from the start, or restore a copy")
-
-
 def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: str, data: tuple,
              callbacks: list[EpochCallback], tags: tuple[str, ...], labels: dict | None = None) -> SeedResult:
     """Train (or continue, or just report) one seed in run_dir."""
     done = finished(config, run_dir)
     if done:
         return SeedResult(**done)  # finished before: kept as it is
-    path, note = checkpoint_to_resume(run_dir, seed)
-    state = checkpoint.load(path) if path else None
-    if note and distributed.rank() == 0:
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # damaged: the next save must not keep it
-        print(f"seed {seed}: {note}; resumed from {path.name} (epoch {state['epoch']})", file=sys.stderr)
+    writer = distributed.rank() == 0  # other ranks train their share and write nothing
+    state = resume_state(run_dir, seed, writer)
     set_seed(seed)
     model, optimizer, scheduler, criterion = build(config, device)
-    settings = config.trainer_settings()
-    if distributed.rank() != 0:  # other ranks train their share and write nothing
-        trainer = Trainer(model, optimizer, settings, scheduler=scheduler, criterion=criterion, device=device,
-                          callbacks=callbacks)
-        result = trainer.train(*data, seed, resume_from=state)
-        distributed.barrier()  # rank 0 has written this seed's files
-        return dataclasses.replace(result, run_dir=str(run_dir))
-    run_dir.mkdir(exist_ok=True)
-    history = state["history"] if state else []
-    columns = config.columns()
-    with open(run_dir / "metrics.csv", "w", newline="") as f:  # rows after the checkpoint are redone
-        csv.writer(f).writerows([columns] + [[m[k] for k in columns] for m in history])
-    # A new process writes best.pt at its first checkpoint: the last one may have died first.
-    saved_best = [None]
-
-    def save_checkpoint(full_state: dict) -> None:
-        # best.pt before checkpoint.pt: a kill between the two never leaves a checkpoint
-        # that claims a best epoch whose weights best.pt does not hold.
-        if full_state["best_state"] is not None and full_state["best_epoch"] != saved_best[0]:
-            checkpoint.save(run_dir / "best.pt", full_state["best_state"])
-            saved_best[0] = full_state["best_epoch"]
-        checkpoint.save(run_dir / "checkpoint.pt", full_state, keep_previous=True)
-
-    logger = wandb_run.start(config, group, seed, tags, run_dir, labels)
-    with open(run_dir / "metrics.csv", "a", newline="") as csv_file:
-        writer = csv.writer(csv_file)
-
-        def write_row(epoch: int, metrics: dict) -> None:
-            try:
-                writer.writerow([metrics[k] for k in columns])
-                csv_file.flush()  # a crash keeps every finished epoch
-            except OSError as e:
-                raise checkpoint.WriteError(e.errno, f"{run_dir / 'metrics.csv'}: cannot write the row of "
-                                                     f"epoch {epoch}: {e.strerror}") from None
-
-        log = [lambda epoch, metrics: wandb_run.log(logger, epoch, metrics)] if logger else []
-        trainer = Trainer(model, optimizer, settings, scheduler=scheduler, criterion=criterion, device=device,
-                          callbacks=[write_row, *log, *callbacks], on_checkpoint=save_checkpoint)
-        outcome = "failed"
-        try:
-            result = trainer.train(*data, seed, desc=f"{group} seed {seed}", resume_from=state)
-            outcome = result.status
-        except BaseException as e:  # pruned, interrupted or crashed: say so on disk
-            outcome = "pruned" if type(e).__name__ == "TrialPruned" else \
-                "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            with contextlib.suppress(OSError):  # a full disk: what failed first is what gets reported
-                checkpoint.write_json(run_dir / "result.json",
-                                      {"seed": seed, "status": outcome, "error": repr(e)})
-            raise
-        finally:
-            if logger is not None:  # always close the wandb run, whatever happened
-                logger.summary.update({"status": outcome})
-                logger.finish(exit_code=0 if outcome not in ("failed", "interrupted") else 1)
-    checkpoint.save(run_dir / "model.pt", model.state_dict())  # the best epoch's weights
-    result = dataclasses.replace(result, run_dir=str(run_dir))
-    checkpoint.write_json(run_dir / "result.json", {k: v for k, v in dataclasses.asdict(result).items()
-                                                    if k != "history"})
-    # Finished: the safety copy goes, so a finished seed takes no more disk than before it existed.
-    checkpoint.previous_of(run_dir / "checkpoint.pt").unlink(missing_ok=True)
-    distributed.barrier()
+    files = SeedFiles(config, group, run_dir, seed, tags, labels, state) if writer else None
+    trainer = Trainer(model, optimizer, config.trainer_settings(), scheduler=scheduler, criterion=criterion,
+                      device=device, callbacks=[*(files.callbacks if files else []), *callbacks],
+                      on_checkpoint=files.save_checkpoint if files else None)
+    try:
+        result = trainer.train(*data, seed, desc=f"{group} seed {seed}", resume_from=state)
+    except BaseException as e:
+        if files:
+            files.fail(e)
+        raise
+    result = (files.finish(result, model.state_dict()) if files else
+              dataclasses.replace(result, run_dir=str(run_dir)))
+    distributed.barrier()  # rank 0 has written this seed's files
     return result
+
+
+def run_together(config: RunConfig, group: str, group_dir: Path, device: str, data: tuple,
+                 first_seed_callbacks: list[EpochCallback], tags: tuple[str, ...],
+                 labels: dict | None) -> tuple[list[SeedResult], list[int]] | None:
+    """Train the unfinished seeds as one stack (engine/vectorized.py): (results, seeds another
+    process is training), or None when their checkpoints do not stand at one position."""
+    with contextlib.ExitStack() as held:
+        mine, busy = [], []
+        for seed in config.seeds:
+            (mine if held.enter_context(seed_lock(group_dir / str(seed))) else busy).append(seed)
+        results = {seed: SeedResult(**kept) for seed in mine
+                   if (kept := finished(config, group_dir / str(seed)))}
+        todo = [seed for seed in mine if seed not in results]
+        states = states_at_one_position([group_dir / str(seed) for seed in todo], todo, writer=True)
+        if isinstance(states, str):
+            print(f"seeds train one after another: {states}", file=sys.stderr)
+            return None
+        if todo:
+            models = []
+            for seed in todo:
+                set_seed(seed)  # each seed's initialisation, as when it trains on its own
+                models.append(config.create_model(device))
+            files = [SeedFiles(config, group, group_dir / str(seed), seed, tags, labels, state)
+                     for seed, state in zip(todo, states)]
+            callbacks = [f.callbacks + (list(first_seed_callbacks) if f.seed == config.seeds[0] else [])
+                         for f in files]
+
+            def done(index: int, result: SeedResult, weights: dict) -> None:  # as each seed stops
+                results[todo[index]] = files[index].finish(result, weights)
+
+            stack = SeedStack(models, config, config.trainer_settings(), device, todo, callbacks,
+                              [f.save_checkpoint for f in files], done)
+            try:
+                stack.train(*data, states, desc=f"{group} seeds {','.join(map(str, todo))}")
+            except BaseException as e:
+                for index, f in enumerate(files):
+                    if todo[index] not in results:
+                        f.fail(e)
+                raise
+    return [results[seed] for seed in mine], busy

@@ -45,6 +45,7 @@ class SeedResult:
     best_epoch: int
     epochs_run: int
     run_dir: str | None = None   # where run() wrote it
+    vectorized: bool = False     # trained with the config's other seeds as one stack (engine/vectorized.py)
     # One metrics dict per epoch; empty for a seed that finished before and was read back.
     history: list[dict] = field(default_factory=list, repr=False)
 

@@ -4,7 +4,7 @@ On a small model a step is mostly per-call overhead, so five seeds cost little m
 
     reason = why_not(config, settings, world, train_set, val_set)  # None: they can train together
     stack = SeedStack(models, config, settings, device, seeds, callbacks, on_checkpoint)
-    results, weights = stack.train(train_set, val_set, states, desc)
+    results = stack.train(train_set, val_set, states, desc)
 
 Per seed, everything is as on the sequential path (engine/trainer.py): its own initialisation,
 data order (its own generator) and dropout draws; its own early stopping, best weights,
@@ -92,7 +92,7 @@ class _Seed:
     status: str = "running"
     history: list[dict] = field(default_factory=list)
     elapsed: float = 0.0
-    weights: dict | None = None   # what model.pt gets: the best weights, or the last when none was best
+    result: SeedResult | None = None  # once it stopped
 
 
 class SeedStack:
@@ -100,7 +100,8 @@ class SeedStack:
 
     def __init__(self, models: list[torch.nn.Module], config: RunConfig, settings: Settings, device: str,
                  seeds: list[int], callbacks: list[list[EpochCallback]] | None = None,
-                 on_checkpoint: list[Callable[[dict], None]] | None = None):
+                 on_checkpoint: list[Callable[[dict], None]] | None = None,
+                 on_done: Callable[[int, SeedResult, dict], None] | None = None):
         self.settings, self.device = settings, device
         self.state_keys = list(models[0].state_dict())
         params, buffers = stack_module_state([m.to(device) for m in models])
@@ -129,6 +130,7 @@ class SeedStack:
             (lambda: torch.autocast(torch.device(device).type, enabled=False))
         self.seeds = [_Seed(seed, callbacks[i] if callbacks else [],
                             on_checkpoint[i] if on_checkpoint else None) for i, seed in enumerate(seeds)]
+        self.on_done = on_done  # (index, result, the weights for model.pt) as each seed stops
         self.epoch, self.batch, self.loss_sums, self.loss_count = 0, 0, None, 0
         self.stop_requested = False
 
@@ -196,8 +198,8 @@ class SeedStack:
     # ---- the loop
 
     def train(self, train_set: TensorDataset, val_set: TensorDataset, states: list[dict | None],
-              desc: str = "") -> list[tuple[SeedResult, dict]]:
-        """Each seed's result and the weights its model.pt gets (its best epoch's)."""
+              desc: str = "") -> list[SeedResult]:
+        """Each seed's result; `on_done` gets it as the seed stops, with its best weights."""
         settings = self.settings
         train_data, val_data = (tuple(t.to(self.device) for t in d.tensors) for d in (train_set, val_set))
         for s in self.seeds:
@@ -234,8 +236,7 @@ class SeedStack:
             if s.status == "running":
                 s.status = "completed"
                 self.finish_seed(k, s, started)
-        return [(SeedResult(s.seed, s.status, s.best, s.best_epoch, s.history[-1]["epoch"] if s.history else
-                            self.epoch, history=s.history), s.weights) for s in self.seeds]
+        return [s.result for s in self.seeds]
 
     def end_epoch(self, k: int, s: _Seed, train_loss: float, validation: dict, lr: float,
                   started: float) -> None:
@@ -256,9 +257,12 @@ class SeedStack:
             self.finish_seed(k, s, started)
 
     def finish_seed(self, k: int, s: _Seed, started: float) -> None:
-        """A seed's last checkpoint and its model.pt weights, taken as it stops."""
-        s.weights = s.best_state if s.best_state is not None else self.seed_weights(k)
+        """A seed stops: its last checkpoint, and its result with the weights for model.pt."""
         self.save_checkpoint(k, started)
+        s.result = SeedResult(s.seed, s.status, s.best, s.best_epoch, self.epoch, history=s.history,
+                              vectorized=True)
+        if self.on_done is not None:
+            self.on_done(k, s.result, s.best_state if s.best_state is not None else self.seed_weights(k))
 
     def request_stop(self) -> None:
         self.stop_requested = True

@@ -50,6 +50,7 @@ def start(config: RunConfig, group: str, seed: int, tags: tuple[str, ...], run_d
         mode=mode,
         dir=os.environ.get("WANDB_DIR") or str(run_dir.parent),  # offline files sit beside the run
         settings=wandb.Settings(silent=True, console="off"),
+        reinit="create_new",  # seeds that train together (engine/vectorized.py) have a run each, open at once
     )
 
 

@@ -92,6 +92,8 @@ CASES = [
     ("device-unknown", {"device": "tpu"}, None, "c.yaml: device: must be auto"),
     ("device-cuda-absent", {"device": "cuda"}, None, "c.yaml: device: 'cuda' requested but CUDA"),
     ("device-cuda-index", {"device": "cuda:7"}, None, "c.yaml: device: 'cuda:7' requested but"),
+    ("vectorize-not-bool", {"trainer": {"vectorize_seeds": "yes"}}, None,
+     "c.yaml: trainer.vectorize_seeds: expected true or false"),
     ("mode-unknown", {"mode": "lowest"}, None, "c.yaml: mode: must be 'min' or 'max'"),
     ("wandb-mode", {"wandb": {"mode": "loud"}}, None, "c.yaml: wandb.mode:"),
     # search configs

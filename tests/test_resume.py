@@ -55,19 +55,36 @@ def wait_for_rows(csv_path, rows, proc, timeout=120):
     raise AssertionError("timed out")
 
 
+def trained_together(config, together):
+    return {**config, "trainer": {**config["trainer"], "vectorize_seeds": together}}
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The same config, never interrupted (trained once for the module)."""
-    folder = tmp_path_factory.mktemp("reference")
-    result = run_main("--run_config",
-                      str(write_yaml(folder / "ref.yaml", {**slow_config(), "group": "reference"})),
-                      cwd=folder)
-    assert result.returncode == 0, result.stderr
-    return folder / "runs" / "test" / "reference"
+def references(tmp_path_factory):
+    """The same config, never interrupted, trained once for the module on each path: the seeds as
+    one stack (engine/vectorized.py, the default), or one after another."""
+    made = {}
+
+    def reference(together=True):
+        if together not in made:
+            folder = tmp_path_factory.mktemp("reference")
+            config = trained_together({**slow_config(), "group": "reference"}, together)
+            result = run_main("--run_config", str(write_yaml(folder / "ref.yaml", config)), cwd=folder)
+            assert result.returncode == 0, result.stderr
+            made[together] = folder / "runs" / "test" / "reference"
+        return made[together]
+    return reference
 
 
-def test_sigkill_then_resume_is_bit_identical(workdir, slow, reference):
-    path = write_yaml(workdir / "c.yaml", {**slow, "group": "killed"})
+@pytest.fixture
+def reference(references):
+    return references()
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["seeds-together", "one-by-one"])
+def test_sigkill_then_resume_is_bit_identical(workdir, slow, references, together):
+    reference = references(together)
+    path = write_yaml(workdir / "c.yaml", trained_together({**slow, "group": "killed"}, together))
     group_dir = workdir / "runs" / "test" / "killed"
     proc = start(workdir, "--run_config", path)
     wait_for_rows(group_dir / "3" / "metrics.csv", 3, proc)
@@ -106,8 +123,10 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(workdir, slow,
     proc = start(workdir, "--run_config", path, env_extra={"PYTHONPATH": str(hook)})
     proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL
-    assert (group_dir / "3" / ".checkpoint.pt.tmp").exists()  # the write that was cut short
-    assert checkpoint.load(group_dir / "3" / "checkpoint.pt")["epoch"] == 3  # the one before it, intact
+    # The write that was cut short (seed 4's second: the seeds train together and save in turn,
+    # so seed 3 is a checkpoint ahead, and a resume takes its previous one), and the one before it.
+    (torn,) = group_dir.glob("*/.checkpoint.pt.tmp")
+    assert checkpoint.load(torn.with_name("checkpoint.pt"))["epoch"] == checkpoint.load(torn)["epoch"] - 1
 
     resumed = run_main("--run_config", str(path), "--resume", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
