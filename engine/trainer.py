@@ -305,7 +305,10 @@ class Trainer:
         def request_stop(signum, frame):
             self.stop_requested = True
 
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Also any signal set to raise KeyboardInterrupt, as Ctrl-C does (a Slurm job's warning signal)
+        stops = {signal.SIGINT, signal.SIGTERM, *(s for s in signal.valid_signals()
+                                                  if signal.getsignal(s) is signal.default_int_handler)}
+        previous = {s: signal.signal(s, request_stop) for s in stops}
         try:
             yield
         finally:
