@@ -137,10 +137,12 @@ def search_job(run_config: RunConfig, opt_config: OptimizeConfig, workers: int) 
     return Job(study, run_config.project, files, arguments, array=workers, watch=watch)
 
 
-def script(job: Job, slurm: SlurmConfig, cwd: Path) -> str:
-    """The sbatch script: readable, and resubmittable as it is (`sbatch job.sbatch`)."""
-    folder = f"{RUNS_DIR / job.project}/slurm/{job.name}_${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}"
-    log = f"{RUNS_DIR / job.project}/slurm/{job.name}_" + ("%A/worker%a.log" if job.array else "%j/log.txt")
+def script(job: Job, slurm: SlurmConfig, cwd: Path, job_id: str | None = None) -> str:
+    """The sbatch script. Submitted, its folder is named by its own job id; the copy saved there
+    (`job_id` given) names that folder, so that `sbatch job.sbatch` reruns it in the same place."""
+    folder = f"{RUNS_DIR / job.project}/slurm/{job.name}_{job_id or '${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}'}"
+    log = (f"{RUNS_DIR / job.project}/slurm/{job.name}_{job_id or ('%A' if job.array else '%j')}/"
+           + ("worker%a.log" if job.array else "log.txt"))
     options = [f"--job-name={job.name}", f"--chdir={cwd}", f"--output={log}",
                "--open-mode=append",  # a requeued job adds to its log
                "--requeue", f"--signal={slurm.signal.upper().removeprefix('SIG')}@{slurm.signal_lead_s}",
@@ -160,7 +162,9 @@ def script(job: Job, slurm: SlurmConfig, cwd: Path) -> str:
              f"folder={folder}",
              "export TQDM_DISABLE=1 OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK"]
     if slurm.nodes * slurm.tasks_per_node > 1:  # DDP: every task is a rank; rank 0's node is the host
-        lines += ['export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        addr = "scontrol show node \"$first\" | grep -o 'NodeAddr=[^ ]*' | cut -c10-"  # Slurm's own address
+        lines += ['first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                  f"export MASTER_ADDR=$({addr})",
                   "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))"]
     signals = ",".join(slurm.stop_signals)
     lines += ["# Under srun, Slurm's signals reach Python (a batch script's own child would miss them).",
@@ -193,7 +197,7 @@ def submit(slurm_path: str, job: Job, dry_run: bool) -> int:
     folder = RUNS_DIR / job.project / "slurm" / f"{job.name}_{job_id}"
     try:
         folder.mkdir(parents=True)
-        for name, content in {**job.files, "job.sbatch": text}.items():
+        for name, content in {**job.files, "job.sbatch": script(job, slurm, Path.cwd(), job_id)}.items():
             (folder / name).write_text(content)
     except OSError as e:
         subprocess.run(["scancel", job_id], capture_output=True)
