@@ -82,7 +82,8 @@ def cluster(tmp_path_factory):
         daemons.append(subprocess.Popen(
             [shutil.which("munged", path=path), "--foreground", "--force", f"--socket={home}/munge.sock",
              f"--key-file={home}/munge.key", f"--pid-file={home}/munged.pid",
-             f"--seed-file={home}/munge.seed", f"--log-file={home}/munged.log"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+             f"--seed-file={home}/munge.seed", f"--log-file={home}/munged.log"], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for _ in range(100):
             if (home / "munge.sock").exists():
                 break
