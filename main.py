@@ -4,6 +4,7 @@
     python main.py --run_config configs/run_template.yaml --set optimizer_config.lr=3e-4 --set seeds=[1,2]
     python main.py --run_config configs/run_template.yaml --preflight
     python main.py --run_config configs/run_template.yaml --optimize_config configs/optimize_template.yaml
+    python main.py --run_config configs/run_template.yaml --slurm configs/slurm.yaml   # a Slurm job
 
 Bad input (a file, a key, a value) ends with one line on stderr and exit status 2;
 nothing is written before every check has passed.
@@ -50,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="continue the unfinished seeds of this config's group from their checkpoints")
     parser.add_argument("--preflight", action="store_true",
                         help="build everything, run one batch, check it, print a table; write nothing")
+    parser.add_argument("--slurm", metavar="YAML",
+                        help="submit this command as a Slurm job (a search: a job array of --workers) "
+                             "and return; see configs/slurm.yaml")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --slurm: print the script, submit nothing")
+    parser.add_argument("--slurm-job", metavar="SIGNALS", help=argparse.SUPPRESS)  # the script's own flag
     parser.add_argument("--version", action=_Version, nargs=0,
                         help="print the versions of the template, torch, optuna and wandb")
     return parser.parse_args(argv)
@@ -68,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--workers", args.workers), ("--storage", args.storage)):
             if value is not None and not args.optimize_config:  # never silently ignored
                 raise ConfigError(flag, "", "only a search uses it: add --optimize_config YAML")
+        if args.dry_run and not args.slurm:
+            raise ConfigError("--dry-run", "", "only --slurm uses it")
+        restarted = False
+        if args.slurm_job:  # inside the Slurm job: its signals checkpoint and requeue
+            from engine.slurm import start_job
+            restarted = start_job(args.slurm_job)
         workers = 1 if args.workers is None else args.workers
         run_config = RunConfig.from_yaml(args.run_config)
         overrides = dict(parse_override(text) for text in args.set)
@@ -81,12 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.preflight:
             from engine.preflight import preflight
             return preflight(run_config)
+        if args.slurm and not args.optimize_config:
+            from engine import slurm
+            return slurm.submit(args.slurm, slurm.training_job(run_config, args.resume), args.dry_run)
         if args.optimize_config:
             opt_config = OptimizeConfig.from_yaml(args.optimize_config)
             if args.storage:
                 opt_config = dataclasses.replace(opt_config, storage=args.storage)
             if workers < 1:
                 raise ConfigError("--workers", "", f"must be at least 1, got {workers}")
+            if args.slurm:
+                from engine import slurm
+                job = slurm.search_job(run_config, opt_config, workers)
+                return slurm.submit(args.slurm, job, args.dry_run)
             opt_config.check_against(run_config)
             run_config.check_device()
             from engine import distributed
@@ -106,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if best_path else 1
         from engine import distributed
         from engine.run import run
+        if restarted:  # a requeued Slurm job continues where its signal stopped it
+            from engine.slurm import resume_after_requeue
+            args.resume = args.resume or resume_after_requeue(run_config)
         try:
             result = run(run_config, resume=args.resume, overrides=flags)
         finally:
@@ -124,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {disk_full(e)}", file=sys.stderr)  # the first write that failed
         return 1
     except KeyboardInterrupt:
-        print("interrupted: finished epochs and checkpoints are kept; rerun with --resume to continue "
-              "(a search continues with the same command)", file=sys.stderr)
+        print("interrupted: finished epochs and checkpoints are kept; " + (
+            "the Slurm job requeues itself and resumes" if args.slurm_job else
+            "rerun with --resume to continue (a search continues with the same command)"), file=sys.stderr)
         return 130
 
 

@@ -102,6 +102,7 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         for seed in config.seeds if resume else ():  # a seed that cannot resume stops us before any write
             if not finished(config, group_dir / str(seed)):
                 checkpoint_to_resume(group_dir / str(seed), seed)
+        distributed.barrier()  # every rank has checked before rank 0 makes the seed folders
         record = None
         if rank == 0:  # only rank 0 writes
             try:

@@ -44,6 +44,10 @@ def open_storage(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.st
         path = RUNS_DIR / run_config.project / "optuna.db"
         path.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{path}"
+    if url.endswith(".journal"):  # Optuna's journal file: no server, and safe on a shared filesystem (NFS)
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(url))
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and stable for years
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(url, heartbeat_interval=opt_config.heartbeat_interval,
@@ -54,7 +58,13 @@ def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name
     def objective(trial: optuna.Trial) -> float:
         params = {key: suggest(trial, key, spec) for key, spec in opt_config.search_space.items()}
         config = run_config.with_overrides(params, source=f"{opt_config.source} (trial {trial.number})")
-        group = f"{study_name}_t{trial.number:04d}"
+        # A retry of a trial that a signal stopped continues that trial's folder from its checkpoint.
+        first = trial.user_attrs.get("retry_of", trial.number)
+        group = f"{study_name}_t{first:04d}"
+        resume = first != trial.number and (RUNS_DIR / config.project / group / "config.yaml").exists()
+        if resume:  # the curve so far, for the pruner
+            for step, value in earlier_curve(trial, first).items():
+                trial.report(value, step)
         trial.set_user_attr("epochs", config.epochs)  # read by the pruner: where the curve ends
         trial.set_user_attr("run_dir", str(RUNS_DIR / config.project / group))
 
@@ -70,7 +80,8 @@ def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name
         if distributed.initialized():  # the other ranks train this same trial (follow_rank0)
             distributed.broadcast_from_rank0([(params, group)])
         result = run(config, group=group, tags=("search", study_name),
-                     labels={"study": study_name, "trial": trial.number}, first_seed_callbacks=[report])
+                     labels={"study": study_name, "trial": trial.number}, first_seed_callbacks=[report],
+                     resume=resume)
         trial.set_user_attr("seed_values", {str(s.seed): s.best_value for s in result.seeds})
         diverged = [s.seed for s in result.seeds if s.status == "diverged"]
         if diverged:  # a diverging configuration is an answer, not a crash: prune it
@@ -83,11 +94,23 @@ def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name
             return objective(trial)
         except optuna.TrialPruned:
             raise
+        except KeyboardInterrupt:  # a signal (Ctrl-C, a cluster's preemption): not counted, tried again
+            first = trial.user_attrs.get("retry_of", trial.number)
+            trial.set_user_attr("reason", "stopped by a signal; its parameters are tried again")
+            trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": first})
+            raise
         except Exception as e:  # recorded as FAIL with the reason; the study goes on
             trial.set_user_attr("reason", f"{type(e).__name__}: {e}")
             raise
 
     return guarded
+
+
+def earlier_curve(trial: optuna.Trial, first: int) -> dict[int, float]:
+    """The values reported by the longest earlier try of trial `first` (itself or a retry)."""
+    tries = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+             if t.user_attrs.get("retry_of", t.number) == first]
+    return max(tries, key=lambda t: len(t.intermediate_values)).intermediate_values if tries else {}
 
 
 def open_study(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.Study:

@@ -310,8 +310,10 @@ def stop_on_signals(request_stop: Callable[[], None]):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, lambda signum, frame: request_stop())
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    # Also any signal set to raise KeyboardInterrupt, as Ctrl-C does (a Slurm job's warning signal)
+    stops = {signal.SIGINT, signal.SIGTERM, *(s for s in signal.valid_signals()
+                                              if signal.getsignal(s) is signal.default_int_handler)}
+    previous = {s: signal.signal(s, lambda signum, frame: request_stop()) for s in stops}
     try:
         yield
     finally:
