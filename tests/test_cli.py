@@ -26,7 +26,7 @@ def test_train_writes_every_file_and_refuses_to_overwrite(workdir, tiny):
             and any(line.split()[:1] == ["4"] for line in lines))
     assert "val_loss:" in result.stdout and "±" in result.stdout and "over 2 seed(s)" in result.stdout
     assert str(group_dir.relative_to(workdir)) in result.stdout
-    assert "seed 3" in result.stderr  # the progress bar, per seed
+    assert "seeds 3,4" in result.stderr  # the progress bar names the seeds (training together)
 
     saved = RunConfig.from_yaml(group_dir / "config.yaml")
     assert saved.with_overrides({"group": None}) == RunConfig.from_dict(tiny)
@@ -38,7 +38,8 @@ def test_train_writes_every_file_and_refuses_to_overwrite(workdir, tiny):
         state = torch.load(group_dir / str(seed) / "model.pt", weights_only=True)
         assert "net.0.weight" in state
         result = json.loads((group_dir / str(seed) / "result.json").read_text())
-        assert set(result) == {"seed", "status", "best_value", "best_epoch", "epochs_run", "run_dir"}
+        assert set(result) == {"seed", "status", "best_value", "best_epoch", "epochs_run", "run_dir",
+                               "vectorized"}
         assert result["seed"] == seed and result["status"] == "completed" and result["epochs_run"] == 4
 
     before = {p: p.read_bytes() for p in group_dir.rglob("*") if p.is_file()}
