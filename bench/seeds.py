@@ -58,8 +58,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def seconds_per_epoch(config: RunConfig, folder: Path, group: str, together: bool) -> float:
-    """All seeds' seconds per epoch: engine.run.run, wall_time from each seed's metrics.csv."""
+def seconds_per_epoch(config: RunConfig, folder: Path, group: str, together: bool) -> tuple[float, bool]:
+    """All seeds' seconds per epoch (engine.run.run, wall_time from each seed's metrics.csv), and
+    whether they really trained together (run() may decide against it: engine/vectorized.py)."""
     config = config.with_overrides({"group": group, "trainer.vectorize_seeds": together}, source="bench")
     here = os.getcwd()
     os.chdir(folder)  # runs/ is relative to the current folder
@@ -73,7 +74,8 @@ def seconds_per_epoch(config: RunConfig, folder: Path, group: str, together: boo
         with open(folder / seed.run_dir / "metrics.csv", newline="") as f:
             last = list(csv.DictReader(f))[-1]
         times.append(float(last["wall_time"]) / int(last["epoch"]))
-    return max(times) if together else sum(times)  # together: one shared clock
+    stacked = all(seed.vectorized for seed in result.seeds)
+    return (max(times) if stacked else sum(times)), stacked  # together: one shared clock
 
 
 def wall_clock(args: list[str], folder: Path) -> float:
@@ -102,19 +104,25 @@ def main() -> None:
                 "seeds": seeds, "epochs": epochs, "batch_size": batch_size, "device": args.device,
                 "wandb.mode": "disabled", "checkpoint_every_s": 1e9, "early_stopping.patience": None,
                 "scheduler_config.T_max": epochs}, source="bench")
-            times = {False: [], True: []}
+            times, stacked = {False: [], True: []}, True
             for repeat in range(args.repeats):
                 for together in ((False, True) if repeat % 2 == 0 else (True, False)):
                     group = f"b{batch_size}_r{repeat}_{int(together)}"
-                    times[together].append(seconds_per_epoch(config, folder, group, together))
+                    seconds, ran_together = seconds_per_epoch(config, folder, group, together)
+                    times[together].append(seconds)
+                    stacked = stacked and (ran_together or not together)
             ratios = [a / b for a, b in zip(times[False], times[True])]
             speedups[batch_size] = statistics.median(times[False]) / statistics.median(times[True])
             for together in (False, True):
                 t = times[together]
                 ratio = (f"{speedups[batch_size]:.2f} [{min(ratios):.2f}-{max(ratios):.2f}]" if together
                          else "1")
-                print(f"{batch_size:>6}  {WAYS[together]:<11} {statistics.median(t):>10.4f} "
+                way = WAYS[together] if stacked or not together else "default*"
+                print(f"{batch_size:>6}  {way:<11} {statistics.median(t):>10.4f} "
                       f"[{min(t):.4f}-{max(t):.4f}]  {ratio}")
+            if not stacked:
+                print("        * run() trained these seeds one by one: too much work per step to gain "
+                      "(engine/vectorized.py, CPU_BUSY)")
         print("\nspeed-up (one by one / together) at batch size: "
               + ", ".join(f"{b}: {s:.2f}" for b, s in speedups.items())
               + "   (goal: >= 2 at 256 and >= 1 at 4096 on CPU; >= 4 at 256 on a GPU)")

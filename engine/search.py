@@ -29,6 +29,7 @@ from engine import distributed
 from engine.folders import RUNS_DIR, TEMPLATE_DIR
 from engine.run import run
 from engine.search_space import suggest
+from engine.studies import storage_at
 
 if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
     from config import OptimizeConfig, RunConfig
@@ -45,13 +46,12 @@ def open_storage(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.st
         path.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{path}"
     if url.endswith(".journal"):  # Optuna's journal file: no server, and safe on a shared filesystem (NFS)
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(url))
+        return storage_at(url)
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and stable for years
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=opt_config.heartbeat_interval,
-                                          grace_period=opt_config.grace_period)
+        return storage_at(url, heartbeat_interval=opt_config.heartbeat_interval,
+                          grace_period=opt_config.grace_period)
 
 
 def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name: str):

@@ -96,14 +96,15 @@ def test_a_study_in_another_storage(workdir, tiny, capsys):
     study = run_study(RunConfig.from_dict(tiny), opt)
     capsys.readouterr()
     assert analyze.main(["--study", "away"]) == 2  # not in runs/<project>/optuna.db
-    assert capsys.readouterr().err == "error: --study: no study 'away' in runs/ (no optuna.db found)\n"
+    assert capsys.readouterr().err == ("error: --study: no study 'away' in runs/ "
+                                       "(no optuna.db or optuna.journal found)\n")
     assert analyze.main(["--study", "away", "--storage", url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["best"]["number"] == study.best_trial.number
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,line", [
-    (["--study", "nope"], "error: --study: no study 'nope' in runs/ (no optuna.db found)"),
+    (["--study", "nope"], "error: --study: no study 'nope' in runs/ (no optuna.db or optuna.journal found)"),
     (["--study", "s", "--storage", "nosuchdb://user:secret@host/db"],
      "error: --storage: cannot open nosuchdb://user:***@host/db: "),
     (["--storage", "sqlite:///x.db"], "error: --storage: only --study uses it"),
@@ -148,3 +149,16 @@ def test_load_study_and_bad_input(workdir, tiny):
         analyze.load_study("missing")
     with pytest.raises(ConfigError, match="is not a run folder"):
         analyze.load_run(workdir / "runs" / "test")
+
+
+def test_a_study_in_a_journal_file_is_found_like_one_in_sqlite(workdir, tiny):
+    # A Slurm search's default storage (engine/slurm.py): runs/<project>/optuna.journal.
+    tiny["epochs"] = 1
+    journal = workdir / "runs" / "test" / "optuna.journal"
+    space = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}
+    opt = OptimizeConfig.from_dict({"trials": 1, "seed": 0, "study_name": "j", "pruner": None,
+                                    "storage": str(journal.relative_to(workdir)), "search_space": space})
+    study = run_study(RunConfig.from_dict(tiny), opt)
+    assert journal.exists() and not (workdir / "runs" / "test" / "optuna.db").exists()
+    for storage in (None, str(journal)):
+        assert analyze.load_study("j", storage).best_value == study.best_value

@@ -134,6 +134,7 @@ def test_a_diverging_seed_changes_no_other(models, tiny):
     ({"trainer": {"precision": "fp16"}}, "fp16's gradient scaler"),
     ({"data": "plain_data.load"}, "the data is not in-memory tensors"),  # tests/ is on the path
     ({"optimizer": "torch.optim.Adadelta", "optimizer_config": {}}, "torch.optim.Adadelta is not known"),
+    ({"net_config": {"nodes": 256, "layers": 4}, "batch_size": 128}, "each seed's step keeps the CPU busy"),
 ])
 def test_what_cannot_be_stacked_trains_one_by_one_and_says_why_once(models, tiny, capsys, change, reason):
     config = RunConfig.from_dict({**tiny, "seeds": [1, 2], "epochs": 1, "group": "g", **change})
