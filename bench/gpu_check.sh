@@ -7,9 +7,10 @@
 # 1. the CUDA tier of the tests (pytest -m gpu: resume after SIGKILL bit for bit, bf16/fp16,
 #    compiled/eager checkpoints, preflight, pinned DataLoader batches, nccl DDP on 2 GPUs),
 # 2. bench/throughput.py --device cuda at batch sizes 32, 256 and 4096,
+# 3. bench/seeds.py --device cuda (5 seeds one by one against together; goal: 4x at 256),
 # then one summary. It needs torch with CUDA, pyyaml, tqdm, numpy and pytest (the tier uses
 # neither optuna nor wandb), writes only to temporary folders, and takes a few minutes
-# (budget: 8). Exit status 0 when both parts pass.
+# (budget: 8). Exit status 0 when all three pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then python=$PYTHON
@@ -29,6 +30,10 @@ echo "== 2. throughput on CUDA"
 "$python" bench/throughput.py --device cuda --repeats 3 --batch-sizes 32 256 4096 2>&1 | tee "$log/throughput.txt"
 bench=${PIPESTATUS[0]}
 
+echo "== 3. seeds together on CUDA"
+"$python" bench/seeds.py --device cuda --repeats 3 --batch-sizes 32 256 4096 2>&1 | tee "$log/seeds.txt"
+seeds=${PIPESTATUS[0]}
+
 echo
 echo "== GPU check summary ($((SECONDS - started)) s)"
 "$python" - <<'PY'
@@ -39,4 +44,6 @@ PY
 echo "gpu tests: $(grep -E '(passed|failed|skipped|error)' "$log/tests.txt" | tail -n 1) (exit $tests)"
 grep -E '^(a/b|c/b)|samples/s' "$log/throughput.txt"
 echo "throughput: exit $bench"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+grep -E '^speed-up' "$log/seeds.txt"
+echo "seeds: exit $seeds"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$seeds" -eq 0 ]
