@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
-from engine.folders import RUNS_DIR
+from engine.folders import RUNS_DIR, name_problem
 from engine.plots import plot_losses, plot_prediction, read_metrics
 from engine.studies import find_study
 
@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                                              ("--dry-run", args.dry_run, "--sync", args.sync)):
             if given and not present:  # never silently ignored
                 raise ConfigError(flag, "", f"only {needed} uses it")
+        for flag, name in (("--project", args.project), ("--group", args.group), ("--seed", args.seed)):
+            if name is not None and name_problem(name):  # plots are written there: never above runs/
+                raise ConfigError(flag, "", name_problem(name))
         if args.sync:
             return sync(args)
         if args.dashboard:

@@ -57,7 +57,7 @@ def why_not(config: RunConfig, settings: Settings, device: str, world: int, trai
     training: from the settings, then by a one-batch trial of the real step on two seeds."""
     from engine.resolve import resolve_key
     if world > 1:
-        return "under torchrun every rank trains the seeds one after another"
+        return "under DDP (torchrun, or srun tasks) every rank trains the seeds one after another"
     if settings.compile:
         return "trainer.compile compiles one model's step"
     if settings.precision == "fp16":

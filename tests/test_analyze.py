@@ -108,6 +108,7 @@ def test_a_study_in_another_storage(workdir, tiny, capsys):
     (["--study", "s", "--storage", "nosuchdb://user:secret@host/db"],
      "error: --storage: cannot open nosuchdb://user:***@host/db: "),
     (["--storage", "sqlite:///x.db"], "error: --storage: only --study uses it"),
+    (["--project", "..", "--group", ".."], "error: --project: must name a folder of its own, not '..'"),
 ])
 def test_bad_study_arguments_are_one_line(workdir, args, line):
     done = subprocess.run([sys.executable, str(ROOT / "analyze.py"), *args], cwd=workdir, env=child_env(),
