@@ -145,3 +145,17 @@ def test_what_cannot_be_stacked_trains_one_by_one_and_says_why_once(models, tiny
     provenance = json.loads((models / "runs" / "test" / "g" / "provenance.json").read_text())
     provenance = provenance["invocations"][-1]
     assert provenance["vectorized"] is False and provenance["one_by_one_because"].startswith(reason)
+
+
+def test_a_search_trains_each_trials_seeds_together(models, tiny):
+    from config import OptimizeConfig
+    from engine.search import run_study
+    space = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}
+    opt = OptimizeConfig.from_dict({"trials": 2, "seed": 0, "study_name": "v", "pruner": None,
+                                    "search_space": space})
+    study = run_study(RunConfig.from_dict({**tiny, "seeds": [1, 2], "epochs": 2}), opt)
+    for trial in study.trials:
+        run_dir = models / trial.user_attrs["run_dir"]
+        assert [json.loads((run_dir / s / "result.json").read_text())["vectorized"] for s in ("1", "2")] == \
+            [True, True]
+        assert set(trial.user_attrs["seed_values"]) == {"1", "2"}
