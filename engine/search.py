@@ -26,6 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from engine import distributed
+from engine.checkpoint import disk_full
 from engine.folders import RUNS_DIR, TEMPLATE_DIR
 from engine.run import run
 from engine.search_space import suggest
@@ -131,6 +132,7 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig, worker: bool = 
     remaining = opt_config.trials - finished
     if remaining > 0:
         objective = make_objective(run_config, opt_config, study.study_name)
+        full: list[OSError] = []  # a full disk, reported as main.py reports one (exit 1)
 
         def claimed(trial: optuna.Trial) -> float:
             # Workers check before asking for a trial (below), but two can ask at once:
@@ -140,7 +142,14 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig, worker: bool = 
                 trial.set_user_attr("reason", "surplus: other workers already hold the study's trials")
                 study.stop()
                 raise RuntimeError("surplus trial")  # recorded as failed; it does not count
-            return objective(trial)
+            try:
+                return objective(trial)
+            except Exception as e:
+                if disk_full(e) is None:
+                    raise
+                full.append(disk_full(e))  # every later trial would fail the same way: stop, and
+                study.stop()               # report it once, after the study, as main.py does
+                return math.nan            # a failed trial, without Optuna's traceback of it
 
         # Finished or running anywhere: what every worker sees, so they stop together.
         stop_when_full = optuna.study.MaxTrialsCallback(opt_config.trials,
@@ -162,6 +171,8 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig, worker: bool = 
         with bar, logging_redirect_tqdm([optuna.logging.get_logger("optuna")]):
             study.optimize(claimed, n_trials=remaining, catch=(Exception,),
                            callbacks=[stop_when_full, advance])
+        if full:
+            raise full[0]
     return study
 
 

@@ -36,7 +36,7 @@ def small_disk(workdir):
                   f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
         skip_or_fail(reason, "REQUIRE_TMPFS")  # CI runs as root: there it must run
     yield runs
-    subprocess.run(["umount", str(runs)], check=True)
+    subprocess.run(["umount", "--lazy", str(runs)], check=True)  # lazy: a file still open does not stop it
 
 
 @pytest.mark.slow
@@ -68,6 +68,24 @@ def test_a_full_disk_is_one_line_leaves_no_debris_and_resumes(workdir, small_dis
     done = run_main("--run_config", str(write_yaml(reference / "c.yaml", config)), cwd=reference)
     assert done.returncode == 0, done.stderr
     assert_same_as(seed_dir.parent, reference / "runs" / "test" / "full", seeds=(7,))
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_a_search_at_the_first_trial_it_fails(workdir, small_disk, tiny):
+    import optuna
+    write_yaml(workdir / "c.yaml", {**big(tiny, None), "wandb": {"mode": "disabled", "tags": []}})
+    space = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}
+    write_yaml(workdir / "o.yaml", {"trials": 3, "seed": 0, "pruner": None, "study_name": "s",
+                                    "search_space": space})
+    full = run_main("--run_config", "c.yaml", "--optimize_config", "o.yaml", cwd=workdir)
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "checkpoint.pt: cannot write" in errors[0], full.stderr
+    storage = optuna.storages.RDBStorage(f"sqlite:///{small_disk / 'test' / 'optuna.db'}")
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    storage.engine.dispose()  # let go of the file, so that the tmpfs can be unmounted
+    assert [t.state.name for t in trials] == ["FAIL"]  # not every trial failing in turn
+    assert not [p for p in small_disk.rglob("*") if p.name.endswith(".tmp")]
 
 
 def flip_a_bit_in_the_weights(path):
