@@ -202,11 +202,15 @@ def run_study_distributed(run_config: RunConfig, opt_config: OptimizeConfig) -> 
     distributed.setup(run_config.device)
     if distributed.rank() != 0:
         follow_rank0(run_config, opt_config)
+        distributed.barrier()  # see below
         return None
     try:
         return run_study(run_config, opt_config)
     finally:
         distributed.broadcast_from_rank0([None])  # release the other ranks
+        # Every rank done with that last collective before any tears the group down: a rank that
+        # left while rank 0's broadcast was still in flight was once seen to abort (SIGABRT).
+        distributed.barrier()
 
 
 def run_workers(argv: list[str], workers: int, run_config: RunConfig,
