@@ -46,7 +46,7 @@ class Batches:
         rank, world = self.rank, self.world
         if isinstance(data, tuple):
             n = len(data[0])
-            order = torch.randperm(n, generator=generator).to(self.device) if generator is not None else None
+            order = epoch_order(n, generator, self.device) if generator is not None else None
             for start in range(skip * batch_size, n, batch_size):
                 index = (order[start:start + batch_size] if order is not None
                          else slice(start, start + batch_size))
@@ -86,6 +86,12 @@ class Batches:
                                  if len(b) >= world][skip:]
         for batch in loader:
             yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+
+def epoch_order(n: int, generator: torch.Generator, device: str) -> torch.Tensor:
+    """An epoch's shuffled order of n in-memory samples, drawn from `generator` alone (a seed
+    trained with others as one stack, engine/vectorized.py, draws its order here too)."""
+    return torch.randperm(n, generator=generator).to(device)
 
 
 class _EpochBatches:

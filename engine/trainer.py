@@ -99,15 +99,9 @@ class Trainer:
         # How batches are drawn (in-memory tensors by index, anything else by DataLoader): batches.py
         self.batches = Batches(device, settings, self.rank, self.world)
         self.on_device = self.batches.on_device
-        self.device_type = torch.device(device).type
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16,
-                               "fp16": torch.float16}[settings.precision]
-        # A disabled torch.autocast still costs ~3.5 µs to enter and leave, every step:
-        # fp32 runs use no context at all.
-        self.autocast = (lambda: torch.autocast(self.device_type, self.autocast_dtype)) \
-            if self.autocast_dtype is not None else nullcontext
+        self.autocast = autocast(device, settings.precision)
         # fp16 gradients underflow without loss scaling; when disabled the scaler is a pass-through.
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=settings.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=settings.precision == "fp16")
         # Where training stands. All of it goes into a checkpoint.
         self.generator = torch.Generator()   # the shuffling order
         self.epoch = 0                       # epochs finished
@@ -152,11 +146,7 @@ class Trainer:
         accumulate, batch_size = self.settings.grad_accum, self.settings.batch_size
         in_epoch = self.batches.count(data, batch_size)
         for x, y in self.batches(data, batch_size, self.generator, skip=self.batch):
-            # The optimizer step this batch counts towards sums `micro_batches` of them: grad_accum,
-            # or fewer for the epoch's last, shorter accumulation (each counts 1/micro_batches).
-            first = self.batch - self.batch % accumulate
-            micro_batches = min(accumulate, in_epoch - first)
-            steps = self.batch + 1 == first + micro_batches
+            micro_batches, steps = accumulation(self.batch, accumulate, in_epoch)
             # Under DDP, gradients are all-reduced only before a step, not after every batch.
             with self.ddp.no_sync() if self.ddp is not None and not steps else nullcontext():
                 loss, _ = self.train_step(x, y, micro_batches)
@@ -296,6 +286,22 @@ class Trainer:
 
     def request_stop(self) -> None:
         self.stop_requested = True
+
+
+def autocast(device: str, precision: str) -> Callable[[], Any]:
+    """The context each step's forward runs in. A disabled torch.autocast still costs ~3.5 µs
+    to enter and leave, every step: fp32 runs use no context at all."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return (lambda: torch.autocast(torch.device(device).type, dtype)) if dtype is not None else nullcontext
+
+
+def accumulation(batch: int, accumulate: int, in_epoch: int) -> tuple[int, bool]:
+    """(micro_batches, steps) for batch number `batch` of an epoch of `in_epoch` batches: the
+    optimizer step it counts towards sums `micro_batches` of them (grad_accum, or fewer for the
+    epoch's last, shorter accumulation; each counts 1/micro_batches), and whether it steps."""
+    first = batch - batch % accumulate
+    micro_batches = min(accumulate, in_epoch - first)
+    return micro_batches, batch + 1 == first + micro_batches
 
 
 def improved(settings: Settings, best: float, value: float) -> bool:

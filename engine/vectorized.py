@@ -33,7 +33,9 @@ from tqdm import tqdm
 
 from engine import checkpoint
 from engine.settings import Settings
-from engine.trainer import EpochCallback, LossStep, SeedResult, improved, stop_on_signals
+from engine.batches import Batches, epoch_order
+from engine.trainer import (EpochCallback, LossStep, SeedResult, accumulation, autocast, improved,
+                            stop_on_signals)
 
 if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
     from config import RunConfig
@@ -45,9 +47,8 @@ ELEMENTWISE = {torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim
 
 
 # On a CPU, a step whose batch_size x weights reaches this is arithmetic, not per-call overhead,
-# and batched matrix products are slower than plain ones: seeds then train one by one. Measured
-# with the shipped MLP (12.7k weights) on a 2-core VM: stacked 1.56x faster at batch size 1024,
-# 1.02x at 2048, 0.91x at 4096 (bench/seeds.py).
+# and batched matrix products are slower than plain ones: seeds then train one by one. Where the
+# figure comes from: README "Seeds together" (bench/seeds.py).
 CPU_BUSY = 2 ** 24
 
 
@@ -83,7 +84,8 @@ def why_not(config: RunConfig, settings: Settings, device: str, world: int, trai
         stack.train_epoch(data)
         stack.evaluate(data)
     except Exception as e:  # data-dependent Python control flow, .item() in the model, ...
-        return f"the model's step cannot be mapped over seeds: {type(e).__name__}: {str(e).splitlines()[0]}"
+        first_line = (str(e).splitlines() or [""])[0]
+        return f"the model's step cannot be mapped over seeds: {type(e).__name__}: {first_line}"
     if any(not torch.equal(b, a) for b, a in zip(before, stack.buffers.values())):
         return "the model updates its buffers while training"
     return None
@@ -136,9 +138,8 @@ class SeedStack:
         # randomness="different": every seed draws its own dropout masks.
         self.losses = vmap(seed_loss, randomness="different")
         self.validation = vmap(seed_validation, in_dims=(0, 0, None, None), randomness="different")
-        dtype = {"fp32": None, "bf16": torch.bfloat16}[settings.precision]
-        self.autocast = (lambda: torch.autocast(torch.device(device).type, dtype)) if dtype else \
-            (lambda: torch.autocast(torch.device(device).type, enabled=False))
+        self.autocast = autocast(device, settings.precision)
+        self.batches = Batches(device, settings)  # validation batches, in order, as the Trainer's
         self.seeds = [_Seed(seed, callbacks[i] if callbacks else [],
                             on_checkpoint[i] if on_checkpoint else None) for i, seed in enumerate(seeds)]
         self.on_done = on_done  # (index, result, the weights for model.pt) as each seed stops
@@ -158,15 +159,13 @@ class SeedStack:
             for s in self.seeds:
                 s.generator.set_state(s.epoch_order_state)
         n, batch_size, accumulate = len(data[0]), self.settings.batch_size, self.settings.grad_accum
-        # Each seed's order, drawn as engine.batches draws one: the same batches as one by one.
-        orders = torch.stack([torch.randperm(n, generator=s.generator) for s in self.seeds]).to(self.device)
-        in_epoch = -(-n // batch_size)
+        # Each seed's order, drawn as it is drawn for one seed alone: the same batches.
+        orders = torch.stack([epoch_order(n, s.generator, self.device) for s in self.seeds])
+        in_epoch = self.batches.count(data, batch_size)
         for start in range(self.batch * batch_size, n, batch_size):
             index = orders[:, start:start + batch_size]
             x, y = (t[index] for t in data)  # (seeds, batch, ...)
-            first = self.batch - self.batch % accumulate
-            micro_batches = min(accumulate, in_epoch - first)
-            steps = self.batch + 1 == first + micro_batches
+            micro_batches, steps = accumulation(self.batch, accumulate, in_epoch)
             with self.autocast():
                 losses = self.losses(self.params, self.buffers, x, y)
             # Seeds share no weight: the sum's gradient in each slice is that seed's own.
@@ -196,8 +195,7 @@ class SeedStack:
         """Per seed, {"val_loss": ..., "val_<metric>": ...}: per-sample means, as Trainer.evaluate."""
         self.step.eval()
         totals, count = None, 0
-        for start in range(0, len(data[0]), self.settings.val_batch_size or self.settings.batch_size):
-            x, y = (t[start:start + (self.settings.val_batch_size or self.settings.batch_size)] for t in data)
+        for x, y in self.batches(data, self.settings.val_batch_size or self.settings.batch_size):
             with self.autocast():
                 values = self.validation(self.params, self.buffers, x, y)
             batch = torch.stack([v.float() for v in values], dim=1) * len(y)  # (seeds, 1 + metrics)
