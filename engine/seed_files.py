@@ -58,12 +58,11 @@ def checkpoint_to_resume(run_dir: Path, seed: int) -> tuple[Path | None, str | N
 def resume_state(run_dir: Path, seed: int, writer: bool) -> dict | None:
     """The state a seed continues from (None: from the start)."""
     path, note = checkpoint_to_resume(run_dir, seed)
-    return _resume_from(run_dir, seed, path, note, writer)
+    return _continue_from(run_dir, seed, path, checkpoint.load(path), note, writer) if path else None
 
 
-def _resume_from(run_dir: Path, seed: int, path: Path | None, note: str | None, writer: bool) -> dict | None:
-    state = checkpoint.load(path) if path else None
-    if path is not None and path.name != "checkpoint.pt" and writer:
+def _continue_from(run_dir: Path, seed: int, path: Path, state: dict, note: str | None, writer: bool) -> dict:
+    if path.name != "checkpoint.pt" and writer:
         # The newest goes (damaged, or a save ahead of the position we continue from), so that
         # the next save does not keep it as the previous one.
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
@@ -76,22 +75,25 @@ def states_at_one_position(run_dirs: list[Path], seeds: list[int], writer: bool)
     """For seeds that train together, one checkpoint each, all at one position (epoch, batch);
     or why there is none. They save one after another, so a kill can leave some a checkpoint
     ahead of the others: theirs is then the previous one (checkpoint.prev.pt)."""
-    found = []  # per seed: (path, its position) of its readable checkpoints, newest first
-    for run_dir in run_dirs:
-        newest = run_dir / "checkpoint.pt"
-        found.append([(p, (state["epoch"], state["batch"])) for p in (newest, checkpoint.previous_of(newest))
-                      if p.exists() and checkpoint.damage(p) is None for state in [checkpoint.load(p)]])
-    if not any(found):
+    chosen = []  # per seed: (path, note, state) of the newest readable checkpoint
+    for run_dir, seed in zip(run_dirs, seeds):
+        path, note = checkpoint_to_resume(run_dir, seed)
+        chosen.append((path, note, checkpoint.load(path) if path else None))
+    if all(path is None for path, _, _ in chosen):
         return [None] * len(run_dirs)
-    if not all(found):
+    if any(path is None for path, _, _ in chosen):
         return "some seeds have a checkpoint and some none"
-    target = min(options[0][1] for options in found)
-    paths = [next((p for p, position in options if position == target), None) for options in found]
-    if not all(paths):
+    position = lambda state: (state["epoch"], state["batch"])  # noqa: E731
+    target = min(position(state) for _, _, state in chosen)
+    for i, (run_dir, (path, note, state)) in enumerate(zip(run_dirs, chosen)):
+        previous = checkpoint.previous_of(run_dir / "checkpoint.pt")
+        ahead = position(state) != target and path != previous
+        if ahead and previous.exists() and checkpoint.damage(previous) is None:
+            chosen[i] = (previous, None, checkpoint.load(previous))  # a save ahead: one back
+    if any(position(state) != target for _, _, state in chosen):
         return "their checkpoints stand at different epochs"
-    notes = [checkpoint_to_resume(run_dir, seed)[1] for run_dir, seed in zip(run_dirs, seeds)]
-    return [_resume_from(run_dir, seed, path, note if path.name != "checkpoint.pt" else None, writer)
-            for run_dir, seed, path, note in zip(run_dirs, seeds, paths, notes)]
+    return [_continue_from(run_dir, seed, path, state, note, writer)
+            for run_dir, seed, (path, note, state) in zip(run_dirs, seeds, chosen)]
 
 
 class SeedFiles:
