@@ -1,5 +1,7 @@
-"""run(): train one model per seed with the Trainer, and write runs/<project>/<group>/<seed>/
-(metrics.csv, checkpoint.pt, best.pt, model.pt, result.json, a wandb run).
+"""run(): train one model per seed, all seeds at once as one stack (engine/vectorized.py) where
+the model allows it, else one after another with the Trainer (engine/trainer.py), and write
+runs/<project>/<group>/<seed>/ (metrics.csv, checkpoint.pt, best.pt, model.pt, result.json,
+a wandb run; engine/seed_files.py).
 
     from config import RunConfig
     from engine.run import run

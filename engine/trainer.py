@@ -13,6 +13,10 @@ continue is in `state_dict()`, so a resumed run continues bit for bit, even mid-
 The loss of a batch is computed in one place, `LossStep`: `model.loss(x, y, criterion)` when
 your model defines it (in model.py), else `criterion(model(x), y)`. Training, validation and
 --preflight all use it, so a loss with extra terms never needs an edit here.
+
+A config's seeds usually train together, as one stacked model (engine/vectorized.py, the same
+steps in the same order for every seed at once); this loop is the one they take one by one,
+and the one a notebook builds. What you change in LossStep or your model holds for both.
 """
 from __future__ import annotations
 
