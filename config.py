@@ -1,7 +1,7 @@
 """The experiment's schema: every key a run or optimize YAML file may hold, with its meaning.
 
     cfg = RunConfig.from_yaml("configs/run_template.yaml")
-    model = cfg.create_model()                       # Net(net_config, device=cfg.device), on cfg.device
+    model = cfg.create_model()                       # Net(net_config, device=...) or Net(**net_config)
     optimizer = cfg.create_optimizer(model)
     trial_cfg = cfg.with_overrides({"optimizer_config.lr": 3e-4})   # a copy; cfg is unchanged
 
@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from engine.errors import ConfigError
 from engine.folders import name_problem
 from engine.loader import dump_yaml, flatten, from_mapping, load_yaml, set_dotted, short_hash, to_plain
-from engine.resolve import check_config_kwargs, create, resolve, resolve_key
+from engine.resolve import build_model, check_config_kwargs, check_net_config, create, resolve, resolve_key
 from engine.search_space import check_distribution, flatten_space
 from engine.settings import Settings, SettingsError
 
@@ -137,7 +137,7 @@ class RunConfig:
             raise err("device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         # Resolve every import path and bind the keyword arguments against the constructors
         # now, so that a typo fails in a second, not after an epoch.
-        resolve_key(self, "net")
+        check_net_config(resolve_key(self, "net"), self.net_config, self.source, self.net)
         for key, leading in (("optimizer", [[]]), ("scheduler", [None]), ("criterion", []), ("data", [])):
             if getattr(self, key) is not None:
                 check_config_kwargs(self, key, *leading)
@@ -216,9 +216,10 @@ class RunConfig:
             raise ConfigError(self.source, "device", "'mps' requested but MPS is not available")
 
     def create_model(self, device: str | None = None) -> Any:
-        """Net(net_config, device=device), on `device` (default: the config's)."""
-        device = device or self.device
-        return create(self, "net", dict(self.net_config), device=device).to(device)
+        """Net(net_config, device=device) or Net(**net_config), by Net's signature (see model.py),
+        on `device` (default: the config's)."""
+        return build_model(resolve_key(self, "net"), self.net_config, device or self.device, self.source,
+                           self.net)
 
     def create_optimizer(self, model: Any) -> Any:
         return create(self, "optimizer", model.parameters(), **self.optimizer_config)

@@ -1,20 +1,27 @@
 """Your models. Add a class here (or in any importable module) and point `net:` in the run
 config at it, e.g. `net: model.MLP`; give its settings in `net_config:`.
 
-The contract: the class is built as `Cls(net_config, device=device)`, where `net_config` is
-the YAML's `net_config:` mapping as a plain dict, and then moved to `device`
-(`RunConfig.create_model()` does both). Raise (KeyError, ValueError, ...) on settings you
-cannot accept: the message reaches the user as one line naming `net_config`, before
-anything is written.
+How a class is built, decided by its constructor's signature before anything runs:
+- `Cls(net_config, device=device)` when the constructor takes the settings as one mapping (a
+  first parameter named hparams/config/cfg/..., annotated dict, or unannotated with no key of
+  net_config near any parameter's name): the tutorial's form, as MLP below.
+- otherwise `Cls(**net_config)`, as public models are written (`Net()`,
+  `DenseNet(input_size=784, hidden=256)`), with `device=` only if the constructor takes it.
+Either way the model is then moved to the device. A key the constructor cannot take, or a
+required one missing, is one line naming net_config, the key, the class and the nearest
+parameter; raise (KeyError, ValueError, ...) on values you cannot accept.
 
-The loss: by default a batch's loss is `criterion(model(x), y)`. A model that needs more (a
-physics-informed residual, a regulariser, several terms) defines it here, and training,
-validation and --preflight all use it; metrics still see `model(x)`:
-
-    def loss(self, x, y, criterion):
-        return criterion(self(x), y) + 1e-4 * sum(p.square().sum() for p in self.parameters())
+Two optional methods, used everywhere the engine needs them (engine/contract.py):
+- `loss(self, x, y, criterion)`: the scalar loss of one batch, for training, validation and
+  --preflight alike. Default: criterion(model(x), y). Define it for extra terms, a
+  physics-informed residual (Oscillator below), or an output that is not one tensor (a VAE's
+  (recon, mu, logvar), a GPT's (logits, loss)); validation then runs with gradients available.
+- `predict(self, x)`: the tensor that metrics, plots and load_run compare with y. Default:
+  model(x), or its first element when forward returns a tuple.
 """
+import torch
 from torch import nn
+from torch.func import grad, vmap
 
 
 class MLP(nn.Module):
@@ -38,3 +45,32 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class Oscillator(nn.Module):
+    """A physics-informed network (configs/run_pinn.yaml): u(t) for the damped oscillator
+    u'' + 2 zeta omega u' + omega^2 u = 0 with u(0) = 1, u'(0) = 0, learnt from the equation
+    alone: the loss is the residual at the batch's times t plus the initial conditions, and y
+    (the known solution) is only compared with, by metrics and plots."""
+
+    def __init__(self, width: int = 32, depth: int = 3, equation: dict | None = None):
+        super().__init__()
+        equation = equation or {"zeta": 0.2, "omega": 6.0}
+        self.zeta, self.omega = float(equation["zeta"]), float(equation["omega"])
+        layers = [nn.Linear(1, width), nn.Tanh()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, width), nn.Tanh()]
+        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, t):
+        return self.net(t)
+
+    def loss(self, t, y, criterion):
+        u = lambda s: self.net(s).squeeze(-1)  # noqa: E731  (one time, shape (1,), to u)
+        du = grad(u)                           # torch.func, not autograd.grad: it works on one
+        d2u = grad(lambda s: du(s).squeeze(-1))  # model and on seeds stacked with vmap alike
+        # The residual, divided by omega^2 so that its terms are of order 1.
+        residual = vmap(d2u)(t) / self.omega**2 + 2 * self.zeta / self.omega * vmap(du)(t) + self.net(t)
+        start = torch.zeros(1, dtype=t.dtype, device=t.device)
+        initial = (u(start) - 1) ** 2 + (du(start).squeeze(-1) / self.omega) ** 2
+        return criterion(residual, torch.zeros_like(residual)) + initial

@@ -51,6 +51,27 @@ def load_spirals(n: int = 3000, classes: int = 3, noise: float = 0.2, val_fracti
     return TensorDataset(x[:n_train], label[:n_train]), TensorDataset(x[n_train:], label[n_train:])
 
 
+def load_oscillator(n: int = 1000, equation: dict | None = None, t_max: float = 1.0, val_points: int = 200,
+                    seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Times t in [0, t_max] for model.Oscillator: n random collocation points to train on, and
+    an even grid to validate on, each with y the known solution of the damped oscillator
+    u'' + 2 zeta omega u' + omega^2 u = 0, u(0) = 1, u'(0) = 0 (zeta < 1)."""
+    equation = equation or {"zeta": 0.2, "omega": 6.0}
+    zeta, omega = float(equation["zeta"]), float(equation["omega"])
+    if n < 1 or val_points < 2 or t_max <= 0 or not 0 <= zeta < 1 or omega <= 0:
+        raise ValueError(f"need n >= 1, val_points >= 2, t_max > 0, 0 <= zeta < 1 and omega > 0, got n={n}, "
+                         f"val_points={val_points}, t_max={t_max}, zeta={zeta}, omega={omega}")
+    damped = omega * math.sqrt(1 - zeta**2)
+
+    def solution(t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-zeta * omega * t) * (torch.cos(damped * t)
+                                               + zeta * omega / damped * torch.sin(damped * t))
+
+    t = t_max * torch.rand(n, 1, generator=torch.Generator().manual_seed(seed))
+    grid = torch.linspace(0, t_max, val_points).unsqueeze(1)
+    return TensorDataset(t, solution(t)), TensorDataset(grid, solution(grid))
+
+
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Share of samples whose highest-scoring class is the target (class-index targets)."""
     return (pred.argmax(dim=-1) == target).float().mean()

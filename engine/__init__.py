@@ -4,10 +4,14 @@ model.py, your data and metrics in util.py, your experiment in a YAML file under
     errors.py           ConfigError: bad input, reported as one line naming the file and the key
     resolve.py          the one import-path resolver, and the check of keyword arguments
     loader.py           YAML in, typed dataclasses out: coercion, overrides, hashes
-    trainer.py          Trainer: the loop, read top to bottom, and its one loss step
+    contract.py         what the engine asks of your model: LossStep (a batch's loss), predict()
+    trainer.py          Trainer: the one loop, for one model or a stack of seeds; one optimizer step
+    vectorized.py       SeedStack: a stack of seeds' step as one (torch.func.vmap), and why_not()
     settings.py         Settings: all the Trainer reads, checked when built
     batches.py          how the loop draws batches (in-memory tensors, DataLoader, torchrun ranks)
-    run.py              run(): one model per seed, and what each seed writes
+    stopping.py         how training stops on a signal, with a checkpoint of where it stood
+    run.py              run(): one model per seed, together or one by one, each under its lock
+    seed_files.py       one seed's folder: what it writes, and which checkpoint a resume takes
     folders.py          runs/<project>/<group>/: where results go, and the checks before writing
     wandb_run.py        one wandb run per seed, offline without credentials; a group's offline runs
     checkpoint.py       atomic writes, weights-only loads, RNG states
@@ -16,9 +20,10 @@ model.py, your data and metrics in util.py, your experiment in a YAML file under
     search.py           the Optuna study whose trials are run() calls
     studies.py          where a study is, and Optuna Dashboard over it
     plots.py            the PNGs analyze.py draws
+    report.py           a study's report: best trial, importances, edge warnings, PNGs
     search_space.py     the search space's checks, and sampling it through a trial
     pruner.py           PFLPruner, the predicted-final-loss pruner
-    preflight.py        --preflight: one checked batch through the real training step
+    preflight.py        --preflight: what the first epoch runs, checked, stage by stage
     provenance.py       provenance.json: how to reproduce a group
 
 Nothing in here imports your files (main, config, model, util, analyze): your code reaches

@@ -39,23 +39,29 @@ class Batches:
         # Under torchrun a last global batch with fewer samples than ranks is dropped.
         return batches - 1 if self.world > 1 and n - (batches - 1) * batch_size < self.world else batches
 
-    def __call__(self, data: Any, batch_size: int, generator: torch.Generator | None = None,
+    def __call__(self, data: Any, batch_size: int, generator: torch.Generator | list | None = None,
                 skip: int = 0) -> Iterator[tuple]:
-        """In-memory tensors are sliced by index on the device (no per-sample Python work);
-        any other dataset goes through a DataLoader. `generator` shuffles; `skip` resumes."""
+        """In-memory tensors are indexed on the device (no per-sample Python work); any other
+        dataset goes through a DataLoader. `generator` shuffles; `skip` resumes. A list
+        of generators (a stack of seeds, in-memory data only) gives each seed its own batches,
+        drawn as for that seed alone, stacked: (seeds, batch, ...)."""
         rank, world = self.rank, self.world
         if isinstance(data, tuple):
             n = len(data[0])
-            order = epoch_order(n, generator, self.device) if generator is not None else None
+            orders = [epoch_order(n, g, self.device) for g in (generator if isinstance(generator, list) else
+                                                               [generator] if generator is not None else [])]
+            order = torch.stack(orders) if isinstance(generator, list) else orders[0] if orders else None
             for start in range(skip * batch_size, n, batch_size):
-                index = (order[start:start + batch_size] if order is not None
+                index = (order[..., start:start + batch_size] if order is not None
                          else slice(start, start + batch_size))
                 if world > 1:  # this rank's share; a last batch smaller than the world is dropped
                     if min(batch_size, n - start) < world:
                         break
                     index = (index if order is not None else torch.arange(start, min(start + batch_size, n),
                                                                           device=self.device))[rank::world]
-                yield tuple(t[index] for t in data)
+                # In order, a slice: contiguous like a shuffled batch (a gathered copy) even where
+                # the data's own tensors are not, so code that works in training works here too.
+                yield tuple(t[index] if order is not None else t[index].contiguous() for t in data)
         else:
             yield from self.loader_batches(data, batch_size, generator, skip)
 
@@ -89,8 +95,7 @@ class Batches:
 
 
 def epoch_order(n: int, generator: torch.Generator, device: str) -> torch.Tensor:
-    """An epoch's shuffled order of n in-memory samples, drawn from `generator` alone (a seed
-    trained with others as one stack, engine/vectorized.py, draws its order here too)."""
+    """An epoch's shuffled order of n in-memory samples, drawn from `generator` alone."""
     return torch.randperm(n, generator=generator).to(device)
 
 
@@ -106,3 +111,12 @@ class _EpochBatches:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def accumulation(batch: int, accumulate: int, in_epoch: int) -> tuple[int, bool]:
+    """(micro_batches, steps) for batch number `batch` of an epoch of `in_epoch` batches: the
+    optimizer step it counts towards sums `micro_batches` of them (grad_accum, or fewer for the
+    epoch's last, shorter accumulation; each counts 1/micro_batches), and whether it steps."""
+    first = batch - batch % accumulate
+    micro_batches = min(accumulate, in_epoch - first)
+    return micro_batches, batch + 1 == first + micro_batches

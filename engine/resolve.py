@@ -1,7 +1,8 @@
 """The one door from a config to objects: `resolve("pkg.mod.Name")` for every import path a
 YAML file names (net, optimizer, scheduler, criterion, data, metrics, sampler, pruner), and
 `check_kwargs`, which binds a `*_config` mapping against its constructor before anything runs,
-so that a typo fails in a second, not after an epoch."""
+so that a typo fails in a second, not after an epoch. A model is built by `build_model`, in
+the form its constructor's signature asks for (model.py's docstring gives the rule)."""
 from __future__ import annotations
 
 import difflib
@@ -93,3 +94,57 @@ def create(config: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     except Exception as e:
         raise ConfigError(config.source, f"{key}_config",
                           f"{getattr(config, key)} rejected it: {type(e).__name__}: {e}") from e
+
+
+# Names a constructor gives the one mapping of all its settings (the tutorial's `hparams`).
+MAPPING_NAMES = {"hparams", "hp", "hparam", "config", "cfg", "conf", "net_config", "params", "settings",
+                 "options", "opt", "args", "hyperparameters"}
+
+
+def build_model(cls: type, net_config: dict, device: str, source: str, path: str) -> Any:
+    """`cls` built from `net_config`, on `device`: `cls(net_config, device=device)` when its
+    constructor takes the settings as one mapping (the tutorial's form), else
+    `cls(**net_config)`, with device= only where the constructor has that parameter."""
+    mapping, takes_device = check_net_config(cls, net_config, source, path)
+    on = {"device": device} if takes_device and "device" not in net_config else {}
+    try:
+        model = cls(dict(net_config), **on) if mapping else cls(**net_config, **on)
+    except Exception as e:
+        form = f"{path}(net_config{', device=...' * bool(on)})" if mapping else f"{path}(**net_config)"
+        message = f"{path} rejected it: {type(e).__name__}: {e} (built as {form})"
+        raise ConfigError(source, "net_config", message.replace("\n", " ")) from e
+    return model.to(device)
+
+
+def check_net_config(cls: type, net_config: dict, source: str, path: str) -> tuple[bool, bool]:
+    """(whether `cls` takes its settings as one mapping, whether it takes `device`), read from its
+    signature before anything is built. With keywords, a key it cannot take or a required one
+    missing is a ConfigError naming net_config, the key, the class and the nearest parameter."""
+    try:
+        parameters = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: the tutorial's form
+        return True, True
+    named = [p for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    names = [p.name for p in named]
+    if named and _takes_one_mapping(named[0], net_config, names):
+        return True, "device" in names
+    if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+        for key in (k for k in net_config if k not in names):
+            hint = did_you_mean(key, [n for n in names if n not in net_config]) or \
+                f"; it takes {', '.join(names) or 'none'}"
+            raise ConfigError(source, "net_config", f"unknown key '{key}' for {path}{hint}")
+    for p in named:
+        if p.default is p.empty and p.name not in net_config and p.name != "device":
+            raise ConfigError(source, "net_config", f"missing key '{p.name}', which {path} needs "
+                                                    f"(it takes {', '.join(names)})")
+    return False, "device" in names
+
+
+def _takes_one_mapping(first: inspect.Parameter, net_config: dict, names: list[str]) -> bool:
+    """A required positional first parameter that no key names, and that says it is a mapping
+    (its annotation or its name), or, unannotated, that no key comes near any parameter's name."""
+    if first.kind == first.KEYWORD_ONLY or first.default is not first.empty or first.name in net_config:
+        return False
+    annotation = str(first.annotation).lower()
+    return (any(word in annotation for word in ("dict", "mapping", "config")) or first.name in MAPPING_NAMES
+            or first.annotation is first.empty and not any(did_you_mean(k, names) for k in net_config))

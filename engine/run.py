@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from engine import distributed, provenance, vectorized
+import torch
+
+from engine import checkpoint, distributed, provenance, vectorized
 from engine.errors import ConfigError
 from engine.folders import RUNS_DIR, check_group, claim_seeds, lock
 from engine.reproducibility import determinism, set_seed
-from engine.seed_files import (SeedFiles, checkpoint_to_resume, finished, resume_state,
-                               states_at_one_position)
+from engine.seed_files import SeedFiles, checkpoint_to_resume, finished, states_at_one_position
 from engine.trainer import EpochCallback, SeedResult, Trainer
 from engine.vectorized import SeedStack
 
@@ -88,16 +89,19 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
                               f"is the global batch: at least one sample per rank ({world}), "
                               f"got {config.batch_size}")
         train_set, val_set = config.load_data()
-        set_seed(config.seeds[0])
-        build(config, device)  # a throwaway build: a bad net_config fails before any file exists
+        built: dict = {}  # each seed's model, built once: the first now (a bad net_config fails here)
         vectorize = config.trainer.vectorize_seeds and len(config.seeds) > 1
+        models = [seed_model(config, seed, device, built)[0] for seed in config.seeds[:1 + vectorize]]
         if vectorize:  # decided once, before anything is written: a one-batch trial of the real step
-            reason = vectorized.why_not(config, config.trainer_settings(), device, world, train_set, val_set)
-            if reason is not None and rank == 0:
-                print(f"seeds train one after another: {reason}", file=sys.stderr)
+            reason = "; ".join(vectorized.why_not(config, config.trainer_settings(), device, world, train_set,
+                                                  val_set, models)) or None
             vectorize = reason is None
         else:
             reason = "trainer.vectorize_seeds is false" if len(config.seeds) > 1 else "one seed"
+        if rank == 0 and len(config.seeds) > 1:  # one line, always: how the seeds train, and why
+            dropout = "; with dropout, a seed's draws depend on the seeds beside it" * has_dropout(models[0])
+            print(f"seeds {','.join(map(str, config.seeds))} train together as one stacked model{dropout}"
+                  if vectorize else f"seeds train one after another: {reason}", file=sys.stderr)
         group = group or config.group_name()
         group_dir = RUNS_DIR / config.project / group
         check_group(config, group_dir, resume)  # every rank reads the same files, so all agree
@@ -122,18 +126,25 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         distributed.barrier()
         results, busy, status = [], [], "failed"
         try:
-            together = vectorize and run_together(config, group, group_dir, device, (train_set, val_set),
-                                                  first_seed_callbacks, tags, labels)
-            if together:
-                results, busy = together
-            for index, seed in enumerate(config.seeds if not together else ()):
-                callbacks = list(first_seed_callbacks) if index == 0 else []
-                with seed_lock(group_dir / str(seed)) as mine:
-                    if not mine:  # another process (--resume) is training it
-                        busy.append(seed)
-                        continue
-                    results.append(run_seed(config, group, group_dir / str(seed), seed, device,
-                                            (train_set, val_set), callbacks, tags, labels))
+            # Groups of seeds that train at once: all of them together, or each on its own.
+            queue = [(config.seeds, True)] if vectorize else [([seed], False) for seed in config.seeds]
+            while queue:
+                seeds, together = queue.pop(0)
+                with contextlib.ExitStack() as held:
+                    mine = [s for s in seeds if held.enter_context(seed_lock(group_dir / str(s)))]
+                    busy += [s for s in seeds if s not in mine]  # another process (--resume) trains them
+                    kept = {s: finished(config, group_dir / str(s)) for s in mine}
+                    results += [SeedResult(**kept[s]) for s in mine if kept[s]]
+                    todo = [s for s in mine if not kept[s]]
+                    states = states_at_one_position([group_dir / str(s) for s in todo], todo, rank == 0)
+                    if isinstance(states, str):  # their checkpoints stand at different positions
+                        print(f"seeds train one after another: {states}", file=sys.stderr)
+                        queue += [([s], False) for s in todo]
+                    elif todo:
+                        results += train_seeds(config, group, group_dir, todo, states, device,
+                                               (train_set, val_set), first_seed_callbacks, tags, labels,
+                                               built, together=together)
+            results.sort(key=lambda r: config.seeds.index(r.seed))
             status = "finished"
         except BaseException as e:  # interrupted, pruned or crashed: the record says which
             status = type(e).__name__
@@ -157,75 +168,58 @@ def seed_lock(run_dir: Path) -> Iterator[bool]:
         yield distributed.broadcast_from_rank0([mine])[0]
 
 
-def build(config: RunConfig, device: str) -> tuple:
-    """(model, optimizer, scheduler, criterion), built from the config on `device`."""
-    model = config.create_model(device)
-    optimizer = config.create_optimizer(model)
-    return model, optimizer, config.create_scheduler(optimizer), config.create_criterion()
+def seed_model(config: RunConfig, seed: int, device: str, built: dict) -> tuple:
+    """(seed's model, the RNG states right after building it), built once and kept in `built`:
+    after seeding with the seed, so its initialisation is its own, whatever trains beside it."""
+    if seed not in built:
+        set_seed(seed)
+        built[seed] = (config.create_model(device), checkpoint.rng_states())
+    return built[seed]
 
 
-def run_seed(config: RunConfig, group: str, run_dir: Path, seed: int, device: str, data: tuple,
-             callbacks: list[EpochCallback], tags: tuple[str, ...], labels: dict | None = None) -> SeedResult:
-    """Train (or continue, or just report) one seed in run_dir."""
-    done = finished(config, run_dir)
-    if done:
-        return SeedResult(**done)  # finished before: kept as it is
-    writer = distributed.rank() == 0  # other ranks train their share and write nothing
-    state = resume_state(run_dir, seed, writer)
-    set_seed(seed)
-    model, optimizer, scheduler, criterion = build(config, device)
-    files = SeedFiles(config, group, run_dir, seed, tags, labels, state) if writer else None
-    trainer = Trainer(model, optimizer, config.trainer_settings(), scheduler=scheduler, criterion=criterion,
-                      device=device, callbacks=[*(files.callbacks if files else []), *callbacks],
-                      on_checkpoint=files.save_checkpoint if files else None)
+def has_dropout(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.modules())
+
+
+def train_seeds(config: RunConfig, group: str, group_dir: Path, seeds: list[int], states: list[dict | None],
+                device: str, data: tuple, first_seed_callbacks: list[EpochCallback], tags: tuple[str, ...],
+                labels: dict | None, built: dict, together: bool = False) -> list[SeedResult]:
+    """Train (or continue) `seeds`, each from its state: one seed alone, or `together` as one
+    stack (engine/vectorized.py). Only rank 0 writes (SeedFiles); other ranks train their share."""
+    writer = distributed.rank() == 0
+    models, rngs = zip(*(seed_model(config, seed, device, built) for seed in seeds))
+    for seed in seeds:
+        del built[seed]
+    checkpoint.set_rng_states(rngs[-1])  # as if the models had just been built
+    files = [SeedFiles(config, group, group_dir / str(seed), seed, tags, labels, state) if writer else None
+             for seed, state in zip(seeds, states)]
+    callbacks = [(f.callbacks if f else []) + (list(first_seed_callbacks) if seed == config.seeds[0] else [])
+                 for f, seed in zip(files, seeds)]
+    savers = [f.save_checkpoint if f else None for f in files]
+    results: dict[int, SeedResult] = {}
+
+    def done(k: int, result: SeedResult, weights: dict) -> None:  # as each seed stops
+        results[k] = (files[k].finish(result, weights) if files[k] else
+                      dataclasses.replace(result, run_dir=str(group_dir / str(seeds[k]))))
+
+    settings, desc = config.trainer_settings(), f"{group} seed{'s' * together} {','.join(map(str, seeds))}"
+    if together:
+        stack = SeedStack(list(models), config, settings, device, seeds)
+        trainer = Trainer(stack, stack.optimizer, settings, scheduler=stack.scheduler, callbacks=callbacks,
+                          on_checkpoint=savers)
+        train = dict(resume_from=states)
+    else:
+        optimizer = config.create_optimizer(models[0])
+        trainer = Trainer(models[0], optimizer, settings, scheduler=config.create_scheduler(optimizer),
+                          criterion=config.create_criterion(), device=device, callbacks=callbacks[0],
+                          on_checkpoint=savers[0])
+        train = dict(seed=seeds[0], resume_from=states[0])
     try:
-        result = trainer.train(*data, seed, desc=f"{group} seed {seed}", resume_from=state)
+        trainer.train(*data, desc=desc, on_done=done, **train)
     except BaseException as e:
-        if files:
-            files.fail(e)
+        for k, f in enumerate(files):
+            if f is not None and k not in results:
+                f.fail(e)
         raise
-    result = (files.finish(result, model.state_dict()) if files else
-              dataclasses.replace(result, run_dir=str(run_dir)))
-    distributed.barrier()  # rank 0 has written this seed's files
-    return result
-
-
-def run_together(config: RunConfig, group: str, group_dir: Path, device: str, data: tuple,
-                 first_seed_callbacks: list[EpochCallback], tags: tuple[str, ...],
-                 labels: dict | None) -> tuple[list[SeedResult], list[int]] | None:
-    """Train the unfinished seeds as one stack (engine/vectorized.py): (results, seeds another
-    process is training), or None when their checkpoints do not stand at one position."""
-    with contextlib.ExitStack() as held:
-        mine, busy = [], []
-        for seed in config.seeds:
-            (mine if held.enter_context(seed_lock(group_dir / str(seed))) else busy).append(seed)
-        results = {seed: SeedResult(**kept) for seed in mine
-                   if (kept := finished(config, group_dir / str(seed)))}
-        todo = [seed for seed in mine if seed not in results]
-        states = states_at_one_position([group_dir / str(seed) for seed in todo], todo, writer=True)
-        if isinstance(states, str):
-            print(f"seeds train one after another: {states}", file=sys.stderr)
-            return None
-        if todo:
-            models = []
-            for seed in todo:
-                set_seed(seed)  # each seed's initialisation, as when it trains on its own
-                models.append(config.create_model(device))
-            files = [SeedFiles(config, group, group_dir / str(seed), seed, tags, labels, state)
-                     for seed, state in zip(todo, states)]
-            callbacks = [f.callbacks + (list(first_seed_callbacks) if f.seed == config.seeds[0] else [])
-                         for f in files]
-
-            def done(index: int, result: SeedResult, weights: dict) -> None:  # as each seed stops
-                results[todo[index]] = files[index].finish(result, weights)
-
-            stack = SeedStack(models, config, config.trainer_settings(), device, todo, callbacks,
-                              [f.save_checkpoint for f in files], done)
-            try:
-                stack.train(*data, states, desc=f"{group} seeds {','.join(map(str, todo))}")
-            except BaseException as e:
-                for index, f in enumerate(files):
-                    if todo[index] not in results:
-                        f.fail(e)
-                raise
-    return [results[seed] for seed in mine], busy
+    distributed.barrier()  # rank 0 has written these seeds' files
+    return [results[k] for k in range(len(seeds))]

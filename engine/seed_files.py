@@ -55,12 +55,6 @@ def checkpoint_to_resume(run_dir: Path, seed: int) -> tuple[Path | None, str | N
                                 f"to train seed {seed} again from the start, or restore a copy")
 
 
-def resume_state(run_dir: Path, seed: int, writer: bool) -> dict | None:
-    """The state a seed continues from (None: from the start)."""
-    path, note = checkpoint_to_resume(run_dir, seed)
-    return _continue_from(run_dir, seed, path, checkpoint.load(path), note, writer) if path else None
-
-
 def _continue_from(run_dir: Path, seed: int, path: Path, state: dict, note: str | None, writer: bool) -> dict:
     if path.name != "checkpoint.pt" and writer:
         # The newest goes (damaged, or a save ahead of the position we continue from), so that

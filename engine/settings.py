@@ -66,3 +66,8 @@ class Settings:
             raise SettingsError("patience", "must be a positive integer or null")
         if self.min_delta < 0:
             raise SettingsError("min_delta", "must be >= 0")
+
+
+def improved(settings: Settings, best: float, value: float) -> bool:
+    """Whether `value` beats `best` by more than min_delta, in the direction of `mode`."""
+    return value < best - settings.min_delta if settings.mode == "min" else value > best + settings.min_delta
