@@ -3,6 +3,7 @@ state in a temp folder) and stops: submission (from a folder whose path needs qu
 training job and its resubmission, a job array search, and a job stopped by the warning signal,
 a real preemption or a scancel, then requeued or resubmitted, resuming bit for bit; a job whose
 runs make no progress stops requeueing; a storage password stays out of the script and of `ps`."""
+import contextlib
 import os
 import shutil
 import socket
@@ -18,11 +19,9 @@ import yaml
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from conftest import ROOT, assert_same_as, child_env, skip_or_fail, write_yaml
-from engine import checkpoint
+from conftest import ROOT, child_env, skip_or_fail, write_yaml
 from engine.errors import ConfigError
 from engine.slurm import SlurmConfig
-from test_resume import reference, references, slow_config  # noqa: F401  (fixtures)
 
 SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
@@ -106,6 +105,11 @@ def cluster(tmp_path_factory):
             time.sleep(0.2)
         yield env
     finally:
+        if len(daemons) == 3:  # a job left by a failed test would outlive the daemons: cancel it first
+            slurm(env, "scancel", "--user=root", check=False)
+            deadline = time.time() + 45  # KillWait is 30 s
+            while slurm(env, "squeue", "-h", check=False).stdout.strip() and time.time() < deadline:
+                time.sleep(0.5)
         for daemon in reversed(daemons):
             daemon.terminate()
             try:
@@ -240,6 +244,15 @@ def postgres_with_password():
 PASSWORD = "Pw-5e1f9c-not-for-ps"
 
 
+def command_lines(cwd):
+    """The command lines of the processes running in `cwd` (a job's: other tests' jobs on this
+    machine have command lines of the same form), read where `ps` reads them."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(proc / "cwd") == str(cwd):
+                yield (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+
+
 @pytest.mark.slow
 def test_a_storage_password_stays_out_of_the_script_and_of_ps(workdir, tiny, cluster, slurm_yaml,
                                                              postgres_with_password):
@@ -254,12 +267,12 @@ def test_a_storage_password_stays_out_of_the_script_and_of_ps(workdir, tiny, clu
                        "--workers", "2", "--storage", url)
     job = job_id(submitted)
     assert PASSWORD not in submitted.stdout and "postgres:***@" in submitted.stdout
-    seen = set()  # the job's command lines, as `ps` shows them to every user of the node
+    seen = set()  # the job's command lines (srun's, Python's), as `ps` shows them to every user
     while slurm(cluster, "squeue", "-h", "-j", job, check=False).stdout.strip():
-        ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-        seen |= {line for line in ps if "--slurm-job" in line}
+        seen |= set(command_lines(workdir))
         time.sleep(0.1)
-    assert any(line.startswith("srun ") for line in seen) and len(seen) >= 2, seen
+    assert any(line.startswith("srun ") for line in seen), seen  # and Python's own, under srun:
+    assert any("--slurm-job" in line and not line.startswith("srun ") for line in seen), seen
     assert not [line for line in seen if PASSWORD in line], seen
     folder = workdir / "runs" / "test" / "slurm" / f"s_{job}"
     assert (folder / "storage").stat().st_mode & 0o777 == 0o600
