@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "and return; see configs/slurm.yaml")
     parser.add_argument("--dry-run", action="store_true",
                         help="with --slurm: print the script, submit nothing")
-    parser.add_argument("--slurm-job", metavar="SIGNALS", help=argparse.SUPPRESS)  # the script's own flag
+    parser.add_argument("--slurm-job", metavar="FOLDER", help=argparse.SUPPRESS)  # the script's own flag
     parser.add_argument("--version", action=_Version, nargs=0,
                         help="print the versions of the template, torch, optuna and wandb")
     return parser.parse_args(argv)
@@ -71,16 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     from engine.errors import ConfigError
     from engine.loader import parse_override
 
+    job = None  # the Slurm job this process runs in (--slurm-job)
     try:
         for flag, value in (("--workers", args.workers), ("--storage", args.storage)):
             if value is not None and not args.optimize_config:  # never silently ignored
                 raise ConfigError(flag, "", "only a search uses it: add --optimize_config YAML")
         if args.dry_run and not args.slurm:
             raise ConfigError("--dry-run", "", "only --slurm uses it")
-        restarted = False
         if args.slurm_job:  # inside the Slurm job: its signals checkpoint and requeue
-            from engine.slurm import start_job
-            restarted = start_job(args.slurm_job)
+            from engine import slurm_job
+            job = slurm_job.start(args.slurm_job)
+            args.storage = job.storage or args.storage  # a search's, from a file only its owner reads
         workers = 1 if args.workers is None else args.workers
         run_config = RunConfig.from_yaml(args.run_config)
         overrides = dict(parse_override(text) for text in args.set)
@@ -126,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if best_path else 1
         from engine import distributed
         from engine.run import run
-        if restarted:  # a requeued Slurm job continues where its signal stopped it
-            from engine.slurm import resume_after_requeue
-            args.resume = args.resume or resume_after_requeue(run_config)
+        if job is not None:  # a requeued or resubmitted Slurm job continues where it stopped
+            args.resume = args.resume or job.resume(run_config)
         try:
             result = run(run_config, resume=args.resume, overrides=flags)
         finally:
@@ -147,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {disk_full(e)}", file=sys.stderr)  # the first write that failed
         return 1
     except KeyboardInterrupt:
-        print("interrupted: finished epochs and checkpoints are kept; " + (
-            "the Slurm job requeues itself and resumes" if args.slurm_job else
-            "rerun with --resume to continue (a search continues with the same command)"), file=sys.stderr)
+        print("interrupted: finished epochs and checkpoints are kept" + (
+            "" if args.slurm_job else  # the job's script says whether it requeues the job
+            "; rerun with --resume to continue (a search continues with the same command)"), file=sys.stderr)
+        if job is not None:
+            job.stopped()  # no more requeues when the job's last runs made no progress
         return 130
 
 

@@ -5,23 +5,22 @@
                    --workers 4 --slurm configs/slurm.yaml
 
 Submitting (on the login node): `submit()` writes an sbatch script and submits it held, saves
-the script and the configs it runs in runs/<project>/slurm/<name>_<job id>/ (where its logs go
+the script and the files it runs in runs/<project>/slurm/<name>_<job id>/ (where its logs go
 too), then releases it, and returns at once. A search is a job array, one worker per task.
 
-In the job, main.py runs under `srun` with `--slurm-job SIGNALS`: `start_job()` makes those
-signals (the warning before the time limit, a preemption) raise KeyboardInterrupt, which the
-Trainer turns into a checkpoint of the exact position and main.py into exit status 130; the
-script then requeues the job, and the rerun (SLURM_RESTART_COUNT > 0) resumes. Slurm does all
-the scheduling: this module only writes the script and calls sbatch and scontrol.
+In the job, main.py runs under `srun` with `--slurm-job FOLDER`: engine/slurm_job.py makes the
+job's signals (the warning before the time limit, a preemption) stop it with a checkpoint and
+exit status 130; the script then requeues the job, and the rerun resumes. Slurm does all the
+scheduling: this module only writes the script and calls sbatch and scontrol.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -31,13 +30,14 @@ from typing import TYPE_CHECKING
 from engine.errors import ConfigError
 from engine.folders import RUNS_DIR, TEMPLATE_DIR, check_group
 from engine.loader import dump_yaml, from_mapping, load_yaml, to_plain
+from engine.slurm_job import REQUEUE_STATUS, STOP_FILE, STORAGE_FILE, stop_signal
 
 if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
     from config import OptimizeConfig, RunConfig
 
 # Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 TIME_FORMAT = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
-REQUEUE_STATUS = 130  # main.py's exit status after a signal stopped it with a checkpoint saved
+MAX_SIGNAL_LEAD_S = 65535  # the most --signal=SIG@<seconds> takes
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class SlurmConfig:
     mem: str | None = None        # per node, e.g. 16G; None: the partition's default
     signal: str = "USR1"          # sent signal_lead_s before the time limit: checkpoint, requeue
     signal_lead_s: int = 180
+    max_runs_without_progress: int = 3  # signal-stopped runs in a row that gained nothing: no requeue
     extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. --account=lab
     setup: list[str] = field(default_factory=list)         # shell lines run before Python
     python: str | None = None     # None: the Python that submits (its path, as on the login node)
@@ -71,7 +72,8 @@ class SlurmConfig:
         err = lambda key, msg: ConfigError(self.source, key, msg)  # noqa: E731
         if not TIME_FORMAT.fullmatch(self.time):
             raise err("time", f"must be Slurm's minutes, HH:MM:SS or D-HH:MM:SS, got {self.time!r}")
-        for key in ("nodes", "tasks_per_node", "cpus_per_task", "signal_lead_s"):
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "signal_lead_s",
+                    "max_runs_without_progress"):
             if getattr(self, key) < 1:
                 raise err(key, f"must be at least 1, got {getattr(self, key)}")
         if self.gpus_per_task < 0:
@@ -84,6 +86,13 @@ class SlurmConfig:
         for i, line in enumerate(self.extra_sbatch):
             if not line.startswith("--"):
                 raise err(f"extra_sbatch[{i}]", f"must be an sbatch option, e.g. --account=lab, got {line!r}")
+        limit = time_seconds(self.time)  # 0: no time limit, so no warning either
+        if limit and self.signal_lead_s >= limit:
+            raise err("signal_lead_s", f"must be below `time` ({self.time} is {limit} s), got "
+                                       f"{self.signal_lead_s}: the warning would come before any training")
+        if self.signal_lead_s > MAX_SIGNAL_LEAD_S:
+            raise err("signal_lead_s", f"must be at most {MAX_SIGNAL_LEAD_S} (Slurm's limit), "
+                                       f"got {self.signal_lead_s}")
 
     @property
     def stop_signals(self) -> list[str]:
@@ -91,13 +100,15 @@ class SlurmConfig:
         return list(dict.fromkeys([self.signal.upper().removeprefix("SIG"), "TERM"]))
 
 
-def stop_signal(name: str) -> signal.Signals | None:
-    """The signal called `name` (USR1 or SIGUSR1), when a process can catch it; else None."""
-    try:
-        sig = signal.Signals[f"SIG{name.upper().removeprefix('SIG')}"]
-    except KeyError:
-        return None
-    return None if sig in (signal.SIGKILL, signal.SIGSTOP) else sig
+def time_seconds(time: str) -> int:
+    """Slurm's time limit in seconds: minutes, MM:SS, HH:MM:SS, or with days D-HH[:MM[:SS]]."""
+    days, _, clock = time.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:
+        hours, minutes, seconds = [(0, parts[0], 0), (0, *parts), tuple(parts)][len(parts) - 1]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 # --------------------------------------------------------------------------- on the login node
@@ -109,7 +120,9 @@ class Job:
     project: str
     files: dict[str, str]          # file name in the job's folder -> its text
     arguments: list[str]           # main.py's arguments; {folder} stands for the job's folder
+    results: str                   # a glob of the seed folders it writes: what progress is measured on
     array: int | None = None       # a search: this many workers, one per array task
+    storage: str | None = None     # a search's storage, in a file of the job's folder, never in argv
     watch: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -120,6 +133,7 @@ def training_job(run_config: RunConfig, resume: bool) -> Job:
     config = run_config.with_overrides({"group": group})
     arguments = ["--run_config", "{folder}/run_config.yaml", *(["--resume"] if resume else [])]
     return Job(group, run_config.project, {"run_config.yaml": dump_yaml(config.to_dict())}, arguments,
+               results=f"{RUNS_DIR / run_config.project / group}/*",
                watch=[f"results: {RUNS_DIR / run_config.project / group}/"])
 
 
@@ -131,33 +145,57 @@ def search_job(run_config: RunConfig, opt_config: OptimizeConfig, workers: int) 
     storage = opt_config.storage or str(RUNS_DIR / run_config.project / "optuna.journal")
     optimize = {k: v for k, v in to_plain(opt_config).items() if k != "storage"}
     files = {"run_config.yaml": dump_yaml(run_config.to_dict()), "optimize_config.yaml": dump_yaml(optimize)}
-    arguments = ["--run_config", "{folder}/run_config.yaml", "--optimize_config",
-                 "{folder}/optimize_config.yaml", "--storage", storage]
-    watch = [f"study: {study} in {storage}", f"results: {RUNS_DIR / run_config.project}/{study}_t*/"]
-    return Job(study, run_config.project, files, arguments, array=workers, watch=watch)
+    arguments = ["--run_config", "{folder}/run_config.yaml",
+                 "--optimize_config", "{folder}/optimize_config.yaml"]
+    watch = [f"study: {study} in {without_password(storage)}",
+             f"results: {RUNS_DIR / run_config.project}/{study}_t*/"]
+    return Job(study, run_config.project, files, arguments,
+               results=f"{RUNS_DIR / run_config.project}/{study}_t*/*", array=workers, storage=storage,
+               watch=watch)
+
+
+def without_password(url: str) -> str:
+    """A storage URL fit to print: user:password@host becomes user:***@host."""
+    return re.sub(r"^([\w+.-]+://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def sbatch_value(text: str) -> str:
+    """`text` as one value in an #SBATCH line, which sbatch reads, not bash: in double quotes, with
+    a double quote and a backslash escaped (tested on Slurm 22.05 with spaces, quotes, $ and #)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def script(job: Job, slurm: SlurmConfig, cwd: Path, job_id: str | None = None) -> str:
     """The sbatch script. Submitted, its folder is named by its own job id; the copy saved there
     (`job_id` given) names that folder, so that `sbatch job.sbatch` reruns it in the same place."""
-    folder = f"{RUNS_DIR / job.project}/slurm/{job.name}_{job_id or '${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}'}"
-    log = (f"{RUNS_DIR / job.project}/slurm/{job.name}_{job_id or ('%A' if job.array else '%j')}/"
+    if "\\" in str(cwd) or "\n" in str(cwd):  # Slurm's file name patterns take no backslash
+        raise ConfigError(str(cwd).replace("\n", "\\n"), "", "a Slurm job cannot run from a folder whose "
+                                                             "path holds a backslash or a line break")
+    jobs = f"{RUNS_DIR / job.project}/slurm/{job.name}_"
+    folder = shlex.quote(jobs + job_id) if job_id else \
+        shlex.quote(jobs) + '"${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}"'
+    # Absolute, with the folder's own % doubled: sbatch expands %j and %a, also in the folder part.
+    log = (f"{str(cwd).replace('%', '%%')}/{jobs}{job_id or ('%A' if job.array else '%j')}/"
            + ("worker%a.log" if job.array else "log.txt"))
-    options = [f"--job-name={job.name}", f"--chdir={cwd}", f"--output={log}",
+    options = [f"--job-name={job.name}", f"--chdir={sbatch_value(str(cwd))}",
+               f"--output={sbatch_value(log)}",
                "--open-mode=append",  # a requeued job adds to its log
                "--requeue", f"--signal={slurm.signal.upper().removeprefix('SIG')}@{slurm.signal_lead_s}",
                f"--time={slurm.time}", f"--nodes={slurm.nodes}", f"--ntasks-per-node={slurm.tasks_per_node}",
                f"--cpus-per-task={slurm.cpus_per_task}"]
-    options += [f"--partition={slurm.partition}"] if slurm.partition else []
+    options += [f"--partition={sbatch_value(slurm.partition)}"] if slurm.partition else []
     options += [f"--gpus-per-task={slurm.gpus_per_task}"] if slurm.gpus_per_task else []
     options += [f"--mem={slurm.mem}"] if slurm.mem else []
     options += [f"--array=0-{job.array - 1}"] if job.array else []
     python = shlex.quote(slurm.python or sys.executable)
-    arguments = " ".join(f'"$folder{a.removeprefix("{folder}")}"' if a.startswith("{folder}")
+    arguments = " ".join(f'"$folder"{shlex.quote(a.removeprefix("{folder}"))}' if a.startswith("{folder}")
                          else shlex.quote(a) for a in job.arguments)
+    source = shlex.quote(slurm.source).replace("\n", "\\n")  # a line break would end the comment
     lines = ["#!/bin/bash",
-             f"# Written by main.py --slurm {slurm.source}. Resubmit it as it is: sbatch <this file>",
+             f"# Written by main.py --slurm {source}. Resubmit it as it is: sbatch <this file>",
              *(f"#SBATCH {option}" for option in [*options, *slurm.extra_sbatch]), "",
+             "# Where --chdir is gone, Slurm would run the job in /tmp: never write runs/ there.",
+             f"cd {shlex.quote(str(cwd))} || exit 1",
              *([*slurm.setup, ""] if slurm.setup else []),
              f"folder={folder}",
              "export TQDM_DISABLE=1 OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK"]
@@ -166,13 +204,28 @@ def script(job: Job, slurm: SlurmConfig, cwd: Path, job_id: str | None = None) -
         lines += ['first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                   f"export MASTER_ADDR=$({addr})",
                   "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))"]
-    signals = ",".join(slurm.stop_signals)
-    lines += ["# Under srun, Slurm's signals reach Python (a batch script's own child would miss them).",
-              f"srun {python} {shlex.quote(str(TEMPLATE_DIR / 'main.py'))} {arguments} --slurm-job {signals}",
+    stop = f'"$folder"/{STOP_FILE}${{SLURM_ARRAY_TASK_ID:+.$SLURM_ARRAY_TASK_ID}}'
+    main = shlex.quote(str(TEMPLATE_DIR / "main.py"))
+    lines += ["# A preemption, the time limit or a scancel sends TERM to this script too: noted, and the",
+              "# script lives on, waits for Python's checkpoint and can still requeue.",
+              "terminated=''",
+              "trap 'terminated=1' TERM",
+              "# Under srun, Slurm's signals reach Python (a batch script's own child would miss them).",
+              f'srun {python} {main} {arguments} --slurm-job "$folder"',
               "status=$?",
-              f"# {REQUEUE_STATUS}: a signal stopped it after a checkpoint: back in the queue, and the rerun "
-              "resumes.",
-              f'if [ "$status" -eq {REQUEUE_STATUS} ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
+              f"# {REQUEUE_STATUS}: a signal stopped Python after a checkpoint. Back in the queue, where the "
+              "rerun resumes,",
+              f"# unless Python left {STOP_FILE} (its last runs made no progress), or TERM came for another",
+              "# reason than a preemption or the time limit (a plain scancel cancels).",
+              f'if [ "$status" -eq {REQUEUE_STATUS} ] && [ ! -e {stop} ]; then',
+              '  if [ -z "$terminated" ] || scontrol show job "$SLURM_JOB_ID" | grep -qE '
+              "'Reason=TimeLimit|PreemptTime=[0-9]'; then",
+              '    echo "requeued: the rerun resumes from the checkpoints"',
+              '    scontrol requeue "$SLURM_JOB_ID"',
+              "  else",
+              '    echo "not requeued: the job was cancelled; sbatch job.sbatch in $folder continues it"',
+              "  fi",
+              "fi",
               'exit "$status"', ""]
     return "\n".join(lines)
 
@@ -195,10 +248,17 @@ def submit(slurm_path: str, job: Job, dry_run: bool) -> int:
                                             f"{one_line(done.stderr or done.stdout)}")
     job_id = done.stdout.strip().split(";")[0]
     folder = RUNS_DIR / job.project / "slurm" / f"{job.name}_{job_id}"
+    spec = {"signals": slurm.stop_signals, "results": job.results,
+            "max_runs_without_progress": slurm.max_runs_without_progress}
     try:
         folder.mkdir(parents=True)
-        for name, content in {**job.files, "job.sbatch": script(job, slurm, Path.cwd(), job_id)}.items():
+        for name, content in {**job.files, "job.json": json.dumps(spec, indent=2) + "\n",
+                              "job.sbatch": script(job, slurm, Path.cwd(), job_id)}.items():
             (folder / name).write_text(content)
+        if job.storage is not None:  # it may hold a password: its owner alone may read it
+            private = os.open(folder / STORAGE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(private, "w") as f:
+                f.write(job.storage + "\n")
     except OSError as e:
         subprocess.run(["scancel", job_id], capture_output=True)
         raise ConfigError(str(folder), "", f"cannot write the job's files ({e.strerror or e}); "
@@ -219,26 +279,3 @@ def one_line(text: str) -> str:
     """sbatch's message in one line, without its "sbatch: error: " prefixes."""
     return "; ".join(re.sub(r"^\w+: error: ", "", line).strip() for line in text.strip().splitlines()) \
         or "no message"
-
-
-# --------------------------------------------------------------------------- in the job
-
-def start_job(signals: str) -> bool:
-    """Called first in a job: `signals` (e.g. "USR1,TERM") now raise KeyboardInterrupt, as Ctrl-C
-    does, so the Trainer saves the exact position and main.py exits 130 anywhere else; srun's
-    tasks become torch.distributed ranks. Returns whether this is a rerun (a requeued job)."""
-    for name in signals.split(","):
-        sig = stop_signal(name)
-        if sig is None:
-            raise ConfigError("--slurm-job", "", f"{name!r} is not a signal that can be caught")
-        signal.signal(sig, signal.default_int_handler)
-    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if tasks > 1 and "WORLD_SIZE" not in os.environ:  # srun's tasks, not torchrun's
-        os.environ.update(WORLD_SIZE=str(tasks), RANK=os.environ["SLURM_PROCID"],
-                          LOCAL_RANK=os.environ["SLURM_LOCALID"])
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
-
-
-def resume_after_requeue(run_config: RunConfig) -> bool:
-    """On a rerun, resume when the first run got as far as saving its config (else start afresh)."""
-    return (RUNS_DIR / run_config.project / run_config.group_name() / "config.yaml").exists()

@@ -1,12 +1,17 @@
 """Slurm on a real one-node cluster that this module starts (munged, slurmctld and slurmd, their
-state in a temp folder) and stops: submission, a training job, a job array search, and
-preemption (scancel --signal=USR1) with requeue and resume, bit for bit."""
+state in a temp folder) and stops: submission (from a folder whose path needs quoting), a
+training job and its resubmission, a job array search, and a job stopped by the warning signal,
+a real preemption or a scancel, then requeued or resubmitted, resuming bit for bit; a job whose
+runs make no progress stops requeueing; a storage password stays out of the script and of `ps`."""
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -14,15 +19,15 @@ import yaml
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from conftest import ROOT, assert_same_as, child_env, skip_or_fail, write_yaml
-from engine import checkpoint
+from conftest import ROOT, child_env, skip_or_fail, write_yaml
 from engine.errors import ConfigError
 from engine.slurm import SlurmConfig
-from test_resume import reference, references, slow_config  # noqa: F401  (fixtures)
 
 SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
-# Requeued jobs wait `cred_expire` seconds (120 by default); the scheduler looks every 2 s.
+# Requeued jobs wait `cred_expire` seconds (120 by default); the scheduler looks every 2 s. A job
+# in `urgent` preempts one in `debug` as clusters do (PreemptMode=CANCEL, no grace time): TERM to
+# every process of the job, its batch script included, and KILL after KillWait (30 s).
 SLURM_CONF = """\
 ClusterName=test
 SlurmctldHost=localhost
@@ -44,10 +49,13 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerParameters=bf_interval=2,sched_interval=2
+PreemptType=preempt/partition_prio
+PreemptMode=CANCEL
 MailProg=/bin/true
 ReturnToService=2
 NodeName=test-node NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=test-node Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=test-node Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=urgent Nodes=test-node MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """
 
 
@@ -97,6 +105,11 @@ def cluster(tmp_path_factory):
             time.sleep(0.2)
         yield env
     finally:
+        if len(daemons) == 3:  # a job left by a failed test would outlive the daemons: cancel it first
+            slurm(env, "scancel", "--user=root", check=False)
+            deadline = time.time() + 45  # KillWait is 30 s
+            while slurm(env, "squeue", "-h", check=False).stdout.strip() and time.time() < deadline:
+                time.sleep(0.5)
         for daemon in reversed(daemons):
             daemon.terminate()
             try:
@@ -146,44 +159,28 @@ def slurm_yaml(workdir):
     return workdir / "s.yaml"
 
 
+# A folder that sbatch (#SBATCH lines, and %j in file names) and bash must both be told how to read.
+AWKWARD = "a b $HOME 'q\" %j #x"
+
+
 @pytest.mark.slow
-def test_a_training_job_writes_its_run_folder(workdir, tiny, cluster, slurm_yaml):
-    write_yaml(workdir / "c.yaml", {**tiny, "group": "g"})
+def test_a_training_job_from_an_awkward_folder_writes_its_run_folder(workdir, tiny, cluster):
+    here = workdir / AWKWARD
+    here.mkdir()
+    write_yaml(here / "s.yaml", {"time": "10:00", "cpus_per_task": 1, "signal_lead_s": 60})
+    write_yaml(here / "c.yaml", {**tiny, "group": "g"})
     started = time.monotonic()
-    submitted = submit(workdir, cluster, "--run_config", "c.yaml")
+    submitted = submit(here, cluster, "--run_config", "c.yaml")
     assert time.monotonic() - started < 20  # it returns at once; the job runs without it
     job = job_id(submitted)
-    folder = workdir / "runs" / "test" / "slurm" / f"g_{job}"
-    assert f"logs: {folder.relative_to(workdir)}/log.txt" in submitted.stdout
+    folder = here / "runs" / "test" / "slurm" / f"g_{job}"
+    assert f"logs: {folder.relative_to(here)}/log.txt" in submitted.stdout
     assert f"squeue -j {job}" in submitted.stdout
     wait_until_gone(cluster, job)
-    assert (workdir / "runs" / "test" / "g" / "7" / "model.pt").exists(), (folder / "log.txt").read_text()
+    assert (here / "runs" / "test" / "g" / "7" / "model.pt").exists(), (folder / "log.txt").read_text()
     assert "completed" in (folder / "log.txt").read_text()
     assert "#SBATCH --requeue" in (folder / "job.sbatch").read_text()
-    # The saved script runs again as it is, in its folder: the seed is finished, so it is refused.
-    again = slurm(cluster, "sbatch", "--wait", str(folder / "job.sbatch"), check=False)
-    assert again.returncode == 2 and "pass --resume" in (folder / "log.txt").read_text()
-
-
-@pytest.mark.slow
-def test_preempted_training_requeues_and_resumes_bit_for_bit(workdir, cluster, slurm_yaml,
-                                                             reference):  # noqa: F811
-    write_yaml(workdir / "c.yaml", {**slow_config(), "group": "preempted"})
-    job = job_id(submit(workdir, cluster, "--run_config", "c.yaml"))
-    group_dir = workdir / "runs" / "test" / "preempted"
-    wait_for_rows(group_dir / "3" / "metrics.csv", 2)
-    time.sleep(0.05)
-    slurm(cluster, "scancel", "--signal=USR1", job)
-    deadline = time.time() + 60
-    while restarts(cluster, job) == 0:  # requeued: it waits ~10 s before its rerun
-        assert time.time() < deadline, "not requeued"
-        time.sleep(0.1)
-    assert checkpoint.load(group_dir / "3" / "checkpoint.pt")["batch"] > 0  # saved mid-epoch, where it stood
-    wait_until_gone(cluster, job)
-    log = (workdir / "runs" / "test" / "slurm" / f"preempted_{job}" / "log.txt").read_text()
-    assert restarts(cluster, job) == 1, log
-    assert "requeues itself" in log and log.count("files: ") == 1
-    assert_same_as(group_dir, reference)
+    assert not (workdir / "runs").exists() and not (Path("/tmp") / "runs" / "test" / "slurm").exists()
 
 
 @pytest.mark.slow
@@ -213,6 +210,79 @@ def test_an_array_search_survives_preemption_with_the_exact_trial_count(workdir,
     assert len({t.user_attrs["run_dir"] for t in finished}) == 3
 
 
+@pytest.fixture
+def postgres_with_password():
+    """A throwaway PostgreSQL server that asks for a password, and its URL with that password."""
+    from test_workers import _postgres_bin
+    bindir = _postgres_bin()
+    if bindir is None:
+        skip_or_fail("PostgreSQL server binaries (initdb, pg_ctl) not found; .ci/run installs Debian's "
+                     "postgresql", "REQUIRE_POSTGRES")
+    pytest.importorskip("psycopg", reason="the psycopg driver (requirements-dev.txt) is not installed")
+    home = Path(tempfile.mkdtemp(prefix="pg-test-"))  # outside pytest's folder, which only root may enter
+    home.chmod(0o755)
+    (home / "pw").write_text(PASSWORD)
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(home, "postgres")
+        shutil.chown(home / "pw", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*as_user, f"{bindir}/initdb", "-D", str(home / "data"), "-A", "scram-sha-256", "-U",
+                    "postgres", f"--pwfile={home / 'pw'}"], check=True, capture_output=True)
+    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(home / "data"), "-w", "-l", str(home / "pg.log"),
+                    "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(home / "data"), "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+PASSWORD = "Pw-5e1f9c-not-for-ps"
+
+
+def command_lines(cwd):
+    """The command lines of the processes running in `cwd` (a job's: other tests' jobs on this
+    machine have command lines of the same form), read where `ps` reads them."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(proc / "cwd") == str(cwd):
+                yield (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+@pytest.mark.slow
+def test_a_storage_password_stays_out_of_the_script_and_of_ps(workdir, tiny, cluster, slurm_yaml,
+                                                             postgres_with_password):
+    url = postgres_with_password
+    with pytest.raises(Exception, match="password"):  # the server really asks for it
+        optuna.load_study(study_name="s", storage=url.replace(PASSWORD, "wrong"))
+    write_yaml(workdir / "c.yaml", {**tiny, "epochs": 3})
+    space = {"optimizer_config": {"lr": {"type": "float", "min": 1e-3, "max": 1e-2}}}
+    write_yaml(workdir / "o.yaml", {"trials": 2, "seed": 0, "pruner": None, "study_name": "s",
+                                    "search_space": space})
+    submitted = submit(workdir, cluster, "--run_config", "c.yaml", "--optimize_config", "o.yaml",
+                       "--workers", "2", "--storage", url)
+    job = job_id(submitted)
+    assert PASSWORD not in submitted.stdout and "postgres:***@" in submitted.stdout
+    seen = set()  # the job's command lines (srun's, Python's), as `ps` shows them to every user
+    while slurm(cluster, "squeue", "-h", "-j", job, check=False).stdout.strip():
+        seen |= set(command_lines(workdir))
+        time.sleep(0.1)
+    assert any(line.startswith("srun ") for line in seen), seen  # and Python's own, under srun:
+    assert any("--slurm-job" in line and not line.startswith("srun ") for line in seen), seen
+    assert not [line for line in seen if PASSWORD in line], seen
+    folder = workdir / "runs" / "test" / "slurm" / f"s_{job}"
+    assert (folder / "storage").stat().st_mode & 0o777 == 0o600
+    assert PASSWORD in (folder / "storage").read_text()
+    leaks = [p.name for p in folder.iterdir() if p.name != "storage" and PASSWORD in p.read_text()]
+    assert not leaks and PASSWORD not in (folder / "job.sbatch").read_text(), leaks
+    trials = optuna.load_study(study_name="s", storage=url).get_trials()  # the workers reached it
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, (folder / "worker0.log").read_text()
+
+
 @pytest.mark.slow
 def test_two_tasks_are_ddp_ranks(workdir, tiny, cluster):
     if os.cpu_count() < 2:
@@ -232,7 +302,7 @@ def test_dry_run_and_bad_input_write_and_submit_nothing(workdir, tiny, cluster, 
     write_yaml(workdir / "c.yaml", tiny)
     dry = submit(workdir, cluster, "--run_config", "c.yaml", "--dry-run")
     assert dry.returncode == 0 and dry.stdout.startswith("#!/bin/bash")
-    assert "#SBATCH --signal=USR1@60" in dry.stdout and "--slurm-job USR1,TERM" in dry.stdout
+    assert "#SBATCH --signal=USR1@60" in dry.stdout and '--slurm-job "$folder"' in dry.stdout
 
     write_yaml(workdir / "bad.yaml", {"time": "10:00", "partition": "nowhere"})
     os.replace(workdir / "bad.yaml", workdir / "s.yaml")
@@ -252,7 +322,11 @@ def test_dry_run_and_bad_input_write_and_submit_nothing(workdir, tiny, cluster, 
 
 @pytest.mark.parametrize("data, key", [({"time": 60}, "time"), ({"time": "1:00", "nodez": 2}, "nodez"),
                                        ({"time": "1:00", "signal": "KILL"}, "signal"),
-                                       ({"time": "soon"}, "time"), ({"time": "1:00", "mem": "lots"}, "mem")])
+                                       ({"time": "soon"}, "time"), ({"time": "1:00", "mem": "lots"}, "mem"),
+                                       ({"time": "3:00"}, "signal_lead_s"),  # 180 s: the default lead
+                                       ({"time": "1-0", "signal_lead_s": 70000}, "signal_lead_s"),
+                                       ({"time": "10", "max_runs_without_progress": 0},
+                                        "max_runs_without_progress")])
 def test_bad_slurm_keys_are_one_line_naming_the_key(tmp_path, data, key):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data))
