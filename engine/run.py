@@ -140,6 +140,8 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
                     if isinstance(states, str):  # their checkpoints stand at different positions
                         print(f"seeds train one after another: {states}", file=sys.stderr)
                         queue += [([s], False) for s in todo]
+                        if record is not None:  # provenance.json says what ran, not what was planned
+                            record.update(vectorized=False, one_by_one_because=states)
                     elif todo:
                         results += train_seeds(config, group, group_dir, todo, states, device,
                                                (train_set, val_set), first_seed_callbacks, tags, labels,

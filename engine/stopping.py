@@ -5,7 +5,7 @@ where it stands and raises KeyboardInterrupt (main.py: exit status 130, rerun wi
     stop = StopRequest()
     with stop.on_signals():           # the handlers, while the loop runs; then the previous ones
         ... if stop.requested: save, raise KeyboardInterrupt
-    stop.agreed(device)               # under torchrun: whether any rank was asked to stop
+    stop.now(steps, world, device)    # after an optimizer step: whether to stop there
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from typing import Iterator
 import torch
 
 from engine import distributed
+
+# Under torchrun the ranks agree every this many optimizer steps (a collective, and a host sync
+# on a GPU, so not after every step): a stop comes within seconds, well inside a warning's lead.
+AGREE_EVERY = 8
 
 
 class StopRequest:
@@ -41,6 +45,11 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
+
+    def now(self, steps: int, world: int, device: str) -> bool:
+        """After `steps` optimizer steps of an epoch (no gradient half-accumulated): whether to stop
+        here. Under torchrun every rank stops at the same step, so they agree every AGREE_EVERY."""
+        return self.requested if world == 1 else steps % AGREE_EVERY == 0 and self.agreed(device)
 
     def agreed(self, device: str) -> bool:
         """Under torchrun the ranks stop together: whether any rank was asked to (a collective)."""

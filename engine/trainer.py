@@ -124,7 +124,7 @@ class Trainer:
         if self.batch == 0:  # summed on the device and read once per epoch: no host sync per step
             self.loss_sums, self.loss_count = torch.zeros(len(self.seeds), device=self.device), 0
         in_epoch = self.batches.count(data, self.settings.batch_size)
-        generators = [s.generator for s in self.seeds]  # a stack's batches: (seeds, batch, ...)
+        generators, steps_taken = [s.generator for s in self.seeds], 0  # a stack's: (seeds, batch, ...)
         for x, y in self.batches(data, self.settings.batch_size,
                                  generators if self.stacked else generators[0], skip=self.batch):
             samples = y.shape[1] if self.stacked else len(y)
@@ -135,14 +135,23 @@ class Trainer:
             self.batch += 1
             if steps:
                 self.optimizer_step()
+                steps_taken += 1
             self.loss_sums += losses.detach() * samples  # weight by batch size: a per-sample mean
             self.loss_count += samples
-            if self.stop.requested and steps and self.world == 1:
-                return None  # stop only where no gradient is half-accumulated (under DDP: at epoch end)
+            if steps and self.stop.now(steps_taken, self.world, self.device):
+                self.loss_sums, self.loss_count = self.global_sums()  # rank 0's checkpoint holds all ranks'
+                return None  # stopped where no gradient is half-accumulated
         self.batch = 0
-        count = self.loss_sums.new_tensor([self.loss_count])  # under DDP, over all ranks: the global mean
-        sums = distributed.sum_across_ranks(torch.cat([self.loss_sums, count]))
-        return (sums[:-1] / sums[-1]).tolist()
+        sums, count = self.global_sums()
+        return (sums / count).tolist()
+
+    def global_sums(self) -> tuple[torch.Tensor, int]:
+        """The epoch's training loss sums (per seed) and samples so far, over all ranks under DDP."""
+        if self.world == 1:
+            return self.loss_sums, self.loss_count
+        count = self.loss_sums.new_tensor([self.loss_count])
+        summed = distributed.sum_across_ranks(torch.cat([self.loss_sums, count]))
+        return summed[:-1], int(summed[-1].item())
 
     def validate(self, data: Any) -> list[dict[str, float]]:
         """Per seed, {"val_loss": ..., "val_<metric>": ...}: per-sample means over the validation data.
@@ -292,6 +301,8 @@ class Trainer:
         self.epoch, self.batch, self.loss_count = (states[0][key] for key in ("epoch", "batch", "loss_count"))
         if self.batch:  # checkpoints load on the CPU; the epoch's running sums live on the device
             self.loss_sums = torch.stack([st["loss_sum"] for st in states]).to(self.device)
+            if self.rank != 0:  # under DDP rank 0 carries on the sums of every rank so far
+                self.loss_sums, self.loss_count = torch.zeros_like(self.loss_sums), 0
         checkpoint.set_rng_states(states[0]["rng"])
 
 

@@ -3,6 +3,7 @@ the same global batch, write one set of files, exit cleanly, and their checkpoin
 resume in one process (and the other way round)."""
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,47 @@ def test_accumulation_under_ddp_all_reduces_once_per_step(workdir, ddp_config):
     # ... with one all-reduce per optimizer step on each rank.
     epochs, steps_per_epoch = ddp_config["epochs"], 3
     assert [int((workdir / f"count{rank}").read_text()) for rank in (0, 1)] == [epochs * steps_per_epoch] * 2
+
+
+def test_a_signal_to_one_rank_stops_every_rank_within_a_few_steps(workdir, ddp_config):
+    import signal
+    import time
+
+    from engine import checkpoint
+    # Long epochs of small batches, so that the signal lands in the middle of one.
+    ddp_config.update(epochs=3, batch_size=8, data_config={**ddp_config["data_config"], "n": 12000})
+    write_yaml(workdir / "c.yaml", ddp_config)
+    if not TORCHRUN.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    with open(workdir / "out.txt", "w") as out:
+        proc = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"),
+                                 "--run_config", "c.yaml", "--set", "group=stopped"], cwd=workdir,
+                                env=child_env({"OMP_NUM_THREADS": "1"}), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    csv_path = workdir / "runs" / "test" / "stopped" / "3" / "metrics.csv"
+    deadline = time.time() + 120
+    while not (csv_path.exists() and len(csv_path.read_text().splitlines()) >= 2):  # epoch 1 done
+        assert proc.poll() is None and time.time() < deadline, (workdir / "out.txt").read_text()
+        time.sleep(0.05)
+    rank1 = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank1(p, workdir)]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGTERM)  # rank 1 only: rank 0 learns of it from the agreement
+    proc.wait(timeout=120)
+    state = checkpoint.load(workdir / "runs" / "test" / "stopped" / "3" / "checkpoint.pt")
+    assert state["epoch"] == 1 and 0 < state["batch"] < 1200, state["batch"]  # mid-epoch, on every rank
+    assert run_main("--run_config", "c.yaml", "--set", "group=straight", cwd=workdir).returncode == 0
+    resumed = run_main("--run_config", "c.yaml", "--set", "group=stopped", "--resume", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    runs = workdir / "runs" / "test"
+    for (ta, va), (tb, vb) in zip(losses(runs / "stopped"), losses(runs / "straight"), strict=True):
+        assert ta == pytest.approx(tb, rel=1e-5) and va == pytest.approx(vb, rel=1e-5)
+
+
+def _is_rank1(proc_dir: Path, workdir: Path) -> bool:
+    """Whether /proc/<pid> is rank 1 of a main.py started in `workdir`."""
+    try:
+        environ = (proc_dir / "environ").read_bytes().split(b"\0")
+        return (b"RANK=1" in environ and b"main.py" in (proc_dir / "cmdline").read_bytes()
+                and Path(os.readlink(proc_dir / "cwd")) == workdir)
+    except OSError:
+        return False

@@ -354,3 +354,20 @@ def test_a_stacked_resume_after_a_seed_stopped_is_bit_identical_with_dropout(wor
     resumed = run(config, resume=True)
     assert [s.vectorized for s in resumed.seeds] == [True, True, True]
     assert_same_as(resumed.group_dir, straight.group_dir, [seeds[0], seeds[2]])
+
+
+def test_provenance_says_the_seeds_trained_one_by_one_when_a_resume_falls_back(workdir, tiny):
+    def interrupt(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    config = RunConfig.from_dict({**tiny, "seeds": [1, 2], "checkpoint_every_s": 0, "group": "g"})
+    with pytest.raises(KeyboardInterrupt):
+        run(config, first_seed_callbacks=[interrupt])
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # seed 2 starts again: the seeds cannot stack
+        (workdir / "runs" / "test" / "g" / "2" / name).unlink(missing_ok=True)
+    result = run(config, resume=True)
+    assert [s.vectorized for s in result.seeds] == [False, False]
+    last = json.loads((result.group_dir / "provenance.json").read_text())["invocations"][-1]
+    assert last["vectorized"] is False
+    assert last["one_by_one_because"] == "some seeds have a checkpoint and some none"
