@@ -122,7 +122,7 @@ def main() -> None:
                       f"[{min(t):.4f}-{max(t):.4f}]  {ratio}")
             if not stacked:
                 print("        * run() trained these seeds one by one: too much work per step to gain "
-                      "(engine/vectorized.py, CPU_BUSY)")
+                      "(engine/stacking.py, CPU_BUSY)")
         print("\nspeed-up (one by one / together) at batch size: "
               + ", ".join(f"{b}: {s:.2f}" for b, s in speedups.items())
               + "   (goal: >= 2 at 256 and >= 1 at 4096 on CPU; >= 4 at 256 on a GPU)")

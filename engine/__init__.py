@@ -6,7 +6,8 @@ model.py, your data and metrics in util.py, your experiment in a YAML file under
     loader.py           YAML in, typed dataclasses out: coercion, overrides, hashes
     contract.py         what the engine asks of your model: LossStep (a batch's loss), predict()
     trainer.py          Trainer: the one loop, for one model or a stack of seeds; one optimizer step
-    vectorized.py       SeedStack: a stack of seeds' step as one (torch.func.vmap), and why_not()
+    vectorized.py       SeedStack: a stack of seeds' step as one (torch.func.vmap)
+    stacking.py         why_not(): whether a config's seeds can train together, decided before training
     settings.py         Settings: all the Trainer reads, checked when built
     batches.py          how the loop draws batches (in-memory tensors, DataLoader, torchrun ranks)
     stopping.py         how training stops on a signal, with a checkpoint of where it stood

@@ -14,6 +14,7 @@ only step that replaces it, and it is atomic on POSIX file systems). A write tha
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
@@ -120,16 +121,21 @@ def _size(n: int) -> str:
 def load(path: Path) -> Any:
     """Load tensors and plain containers only, on the CPU, from a file whose checksums hold.
 
-    A damaged file (cut short, or bit rot: torch.load itself checks no checksum) raises
-    Unreadable; a file carrying code is refused (ConfigError) and never run.
-    Always on the CPU, whichever device wrote the file: the RNG states in a checkpoint must
-    stay CPU ByteTensors, and load_state_dict moves weights and optimizer state to wherever
-    the model already is."""
-    problem = damage(path)
+    The file is read once: the checksums and the load use the same bytes, which matters for a
+    large checkpoint on a network file system. A damaged file (cut short, or bit rot: torch.load
+    itself checks no checksum) raises Unreadable; a file carrying code is refused (ConfigError)
+    and never run. Always on the CPU, whichever device wrote the file: the RNG states in a
+    checkpoint must stay CPU ByteTensors, and load_state_dict moves weights and optimizer state
+    to wherever the model already is."""
+    try:
+        data = io.BytesIO(Path(path).read_bytes())
+    except OSError as e:
+        raise Unreadable(str(path), "", f"cannot be read: {e.strerror or e}") from None
+    problem = damage(data)
     if problem is not None:
         raise Unreadable(str(path), "", problem)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(data, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # intact, but it holds more than tensors and plain data
         reason = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         raise ConfigError(str(path), "", "refused: not a plain weights/checkpoint file (anything that "
@@ -138,13 +144,15 @@ def load(path: Path) -> Any:
         raise Unreadable(str(path), "", f"cannot be read: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
-def damage(path: Path) -> str | None:
+def damage(file: Path | IO[bytes]) -> str | None:
     """What is wrong with a file torch.save wrote (a zip archive with a CRC-32 per record), or None."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(file) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, EOFError, OSError):
         bad = "the archive"
+    if hasattr(file, "seek"):
+        file.seek(0)
     return None if bad is None else f"cannot be read: truncated or corrupt ({bad} is incomplete or fails " \
                                     "its checksum)"
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from engine import vectorized
+from engine import stacking
 from engine.contract import has_own_loss, predict
 from engine.errors import first_line
 from engine.reproducibility import set_seed
@@ -155,7 +155,7 @@ def seeds_row(config: RunConfig, device: str, train_set: Any, val_set: Any, mode
         return "one" if len(config.seeds) == 1 else "one after another (trainer.vectorize_seeds is false)"
     try:
         set_seed(config.seeds[1])
-        reasons = vectorized.why_not(config, config.trainer_settings(), device, 1, train_set, val_set,
+        reasons = stacking.why_not(config, config.trainer_settings(), device, 1, train_set, val_set,
                                      [model, config.create_model(device)])
     except Exception as e:
         reasons = [first_line(e)]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from engine import checkpoint, distributed, provenance, vectorized
+from engine import checkpoint, distributed, provenance, stacking
 from engine.errors import ConfigError
 from engine.folders import RUNS_DIR, check_group, claim_seeds, lock
 from engine.reproducibility import determinism, set_seed
@@ -93,7 +93,7 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         vectorize = config.trainer.vectorize_seeds and len(config.seeds) > 1
         models = [seed_model(config, seed, device, built)[0] for seed in config.seeds[:1 + vectorize]]
         if vectorize:  # decided once, before anything is written: a one-batch trial of the real step
-            reason = "; ".join(vectorized.why_not(config, config.trainer_settings(), device, world, train_set,
+            reason = "; ".join(stacking.why_not(config, config.trainer_settings(), device, world, train_set,
                                                   val_set, models)) or None
             vectorize = reason is None
         else:
@@ -105,9 +105,10 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         group = group or config.group_name()
         group_dir = RUNS_DIR / config.project / group
         check_group(config, group_dir, resume)  # every rank reads the same files, so all agree
+        loaded: dict = {}  # the checkpoints read here, each read once (seed_files.read_once)
         for seed in config.seeds if resume else ():  # a seed that cannot resume stops us before any write
             if not finished(config, group_dir / str(seed)):
-                checkpoint_to_resume(group_dir / str(seed), seed)
+                checkpoint_to_resume(group_dir / str(seed), seed, loaded)
         distributed.barrier()  # every rank has checked before rank 0 makes the seed folders
         record = None
         if rank == 0:  # only rank 0 writes
@@ -136,7 +137,8 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
                     kept = {s: finished(config, group_dir / str(s)) for s in mine}
                     results += [SeedResult(**kept[s]) for s in mine if kept[s]]
                     todo = [s for s in mine if not kept[s]]
-                    states = states_at_one_position([group_dir / str(s) for s in todo], todo, rank == 0)
+                    folders = [group_dir / str(s) for s in todo]
+                    states = states_at_one_position(folders, todo, rank == 0, loaded)
                     if isinstance(states, str):  # their checkpoints stand at different positions
                         print(f"seeds train one after another: {states}", file=sys.stderr)
                         queue += [([s], False) for s in todo]

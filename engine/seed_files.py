@@ -15,7 +15,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine import checkpoint, wandb_run
 from engine.folders import FINISHED_STATUSES
@@ -32,18 +32,22 @@ def finished(config: RunConfig, run_dir: Path) -> dict | None:
     return done if done.get("status") in FINISHED_STATUSES and not longer else None
 
 
-def checkpoint_to_resume(run_dir: Path, seed: int) -> tuple[Path | None, str | None]:
-    """The checkpoint a seed resumes from, and why it is not checkpoint.pt: checkpoint.prev.pt when
-    the newest is damaged, or missing (a kill between a save's two renames). Checksums only."""
+def checkpoint_to_resume(run_dir: Path, seed: int, loaded: dict) -> tuple[Path | None, str | None, Any]:
+    """The checkpoint a seed resumes from, why it is not checkpoint.pt (checkpoint.prev.pt when the
+    newest is damaged, or missing: a kill between a save's two renames), and its state. Each file
+    is read once: `loaded` keeps what was read, for as long as the file stays as it was."""
     newest = run_dir / "checkpoint.pt"
     found = [p for p in (newest, checkpoint.previous_of(newest)) if p.exists()]
     problems = {}
     for path in found:
-        problems[path] = checkpoint.damage(path)
-        if problems[path] is None:
-            return path, None if path == newest else f"{newest}: {problems.get(newest, 'missing')}"
+        try:
+            state = read_once(path, loaded)
+        except checkpoint.Unreadable as e:
+            problems[path] = e.message
+            continue
+        return path, None if path == newest else f"{newest}: {problems.get(newest, 'missing')}", state
     if not found:
-        return None, None
+        return None, None, None
     kept = ["best.pt"] if (run_dir / "best.pt").exists() else []
     with contextlib.suppress(OSError, csv.Error):
         with open(run_dir / "metrics.csv") as f:
@@ -53,6 +57,15 @@ def checkpoint_to_resume(run_dir: Path, seed: int) -> tuple[Path | None, str | N
     names, kept = " and ".join(p.name for p in found), ", ".join(kept) or "nothing"
     raise checkpoint.Unreadable(str(found[0]), "", f"{problems[found[0]]}; kept: {kept}; delete {names} "
                                 f"to train seed {seed} again from the start, or restore a copy")
+
+
+def read_once(path: Path, loaded: dict) -> dict:
+    """checkpoint.load(path), unless `loaded` holds it from when the file was as it is now."""
+    stat = path.stat()
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in loaded:
+        loaded[key] = checkpoint.load(path)
+    return loaded[key]
 
 
 def _continue_from(run_dir: Path, seed: int, path: Path, state: dict, note: str | None, writer: bool) -> dict:
@@ -65,14 +78,15 @@ def _continue_from(run_dir: Path, seed: int, path: Path, state: dict, note: str 
     return state
 
 
-def states_at_one_position(run_dirs: list[Path], seeds: list[int], writer: bool) -> list[dict | None] | str:
+def states_at_one_position(run_dirs: list[Path], seeds: list[int], writer: bool,
+                           loaded: dict) -> list[dict | None] | str:
     """For seeds that train together, one checkpoint each, all at one position (epoch, batch);
     or why there is none. They save one after another, so a kill can leave some a checkpoint
     ahead of the others: theirs is then the previous one (checkpoint.prev.pt)."""
-    chosen = []  # per seed: (path, note, state) of the newest readable checkpoint
-    for run_dir, seed in zip(run_dirs, seeds):
-        path, note = checkpoint_to_resume(run_dir, seed)
-        chosen.append((path, note, checkpoint.load(path) if path else None))
+    # Per seed: (path, note, state) of the newest readable checkpoint.
+    chosen = [checkpoint_to_resume(run_dir, seed, loaded) for run_dir, seed in zip(run_dirs, seeds)]
+    for key in [key for key in loaded if key[0].parent in run_dirs]:
+        del loaded[key]  # what is not chosen now is not needed again
     if all(path is None for path, _, _ in chosen):
         return [None] * len(run_dirs)
     if any(path is None for path, _, _ in chosen):
@@ -82,8 +96,9 @@ def states_at_one_position(run_dirs: list[Path], seeds: list[int], writer: bool)
     for i, (run_dir, (path, note, state)) in enumerate(zip(run_dirs, chosen)):
         previous = checkpoint.previous_of(run_dir / "checkpoint.pt")
         ahead = position(state) != target and path != previous
-        if ahead and previous.exists() and checkpoint.damage(previous) is None:
-            chosen[i] = (previous, None, checkpoint.load(previous))  # a save ahead: one back
+        if ahead and previous.exists():  # a save ahead: one back, if that one is readable
+            with contextlib.suppress(checkpoint.Unreadable):
+                chosen[i] = (previous, None, checkpoint.load(previous))
     if any(position(state) != target for _, _, state in chosen):
         return "their checkpoints stand at different epochs"
     return [_continue_from(run_dir, seed, path, state, note, writer)

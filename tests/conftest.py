@@ -111,3 +111,10 @@ def logged_config(run_folder: Path, key: str):
     data = log.read_bytes()
     item = re.search(b"\n" + bytes([len(key)]) + re.escape(key.encode()) + rb"\x82\x01(.)", data, flags=re.S)
     return json.loads(data[item.end():item.end() + item.group(1)[0]])
+
+
+def user_module(workdir: Path, monkeypatch, name: str, source: str) -> None:
+    """Write `source` as the user's module `name` beside the test's runs/, importable afresh."""
+    (workdir / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(workdir))
+    monkeypatch.delitem(sys.modules, name, raising=False)

@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
+from config import RunConfig
 from conftest import ROOT, assert_same_as, child_env, run_main, skip_or_fail, write_yaml
 from engine import checkpoint
 from engine.errors import ConfigError
@@ -212,3 +214,29 @@ def test_two_processes_never_train_one_seed(workdir, tiny):
                    for s in seeds)
         invocations = json.loads((group_dir / "provenance.json").read_text())["invocations"]
         assert [i["status"] for i in invocations] == ["finished"] * 3  # neither append lost the other's
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts the bytes read through /proc (Linux)")
+def test_a_resume_reads_each_checkpoint_once(workdir, tiny):
+    from engine.run import run
+
+    def bytes_read() -> int:
+        return int(next(line for line in Path("/proc/self/io").read_text().splitlines()
+                        if line.startswith("rchar")).split()[1])
+
+    # A model whose checkpoint is mostly one big buffer, so that reading it dwarfs every other read.
+    (workdir / "heavy.py").write_text("import torch\nfrom model import MLP\n\n\nclass Heavy(MLP):\n"
+                                      "    def __init__(self, hparams, device='cpu'):\n"
+                                      "        super().__init__(hparams, device)\n"
+                                      "        self.register_buffer('table', torch.zeros(4_000_000))\n")
+    sys.path.insert(0, str(workdir))
+    try:
+        config = {**tiny, "net": "heavy.Heavy", "epochs": 2, "group": "g", "checkpoint_every_s": 0}
+        run(RunConfig.from_dict(config))
+        size = (workdir / "runs" / "test" / "g" / "7" / "checkpoint.pt").stat().st_size
+        assert size > 16e6
+        before = bytes_read()
+        run(RunConfig.from_dict({**config, "epochs": 3}), resume=True)  # one more epoch
+        assert bytes_read() - before < 1.3 * size  # read once (it was three times)
+    finally:
+        sys.path.remove(str(workdir))

@@ -2,13 +2,13 @@
 user's: they train (seeds together where torch.func allows, else one by one), pre-flight,
 analyse and load. Every class and data function here is our own, written in those shapes."""
 import json
-import sys
 
 import pytest
 import torch
 
 import analyze
 from config import ConfigError, RunConfig
+from conftest import user_module
 from engine.preflight import preflight
 from engine.run import run
 
@@ -155,9 +155,7 @@ CASES = {
 
 @pytest.fixture
 def shapes(workdir, monkeypatch):
-    (workdir / "shapes.py").write_text(SHAPES)
-    monkeypatch.syspath_prepend(str(workdir))
-    monkeypatch.delitem(sys.modules, "shapes", raising=False)
+    user_module(workdir, monkeypatch, "shapes", SHAPES)
     return workdir
 
 
@@ -277,9 +275,7 @@ def broken_metric(pred, target):
 
 @pytest.fixture
 def edges(workdir, monkeypatch):
-    (workdir / "edges.py").write_text(EDGES)
-    monkeypatch.syspath_prepend(str(workdir))
-    monkeypatch.delitem(sys.modules, "edges", raising=False)
+    user_module(workdir, monkeypatch, "edges", EDGES)
     return workdir
 
 
@@ -330,8 +326,7 @@ class Dropped(MLP):
 def test_a_stacked_resume_after_a_seed_stopped_is_bit_identical_with_dropout(workdir, monkeypatch, tiny):
     from conftest import assert_same_as
     from engine.reproducibility import set_seed
-    (workdir / "dropped.py").write_text(DROPPED)
-    monkeypatch.syspath_prepend(str(workdir))
+    user_module(workdir, monkeypatch, "dropped", DROPPED)
     data = {**tiny, "net": "dropped.Dropped", "epochs": 5, "checkpoint_every_s": 0}
     poisoned = {}
     for seed in range(1, 30):
