@@ -33,7 +33,7 @@ from typing import Any
 from engine.errors import ConfigError
 from engine.folders import RUNS_DIR, name_problem
 from engine.plots import plot_losses, plot_seed, read_metrics
-from engine.report import print_report, study_report
+from engine.report import edge_warnings, print_report, study_report  # noqa: F401  (notebooks)
 from engine.studies import find_study
 
 

@@ -53,14 +53,14 @@ class Oscillator(nn.Module):
     alone: the loss is the residual at the batch's times t plus the initial conditions, and y
     (the known solution) is only compared with, by metrics and plots."""
 
-    def __init__(self, width: int = 32, depth: int = 3, equation: dict | None = None):
+    def __init__(self, nodes: int = 32, layers: int = 3, equation: dict | None = None):
         super().__init__()
         equation = equation or {"zeta": 0.2, "omega": 6.0}
         self.zeta, self.omega = float(equation["zeta"]), float(equation["omega"])
-        layers = [nn.Linear(1, width), nn.Tanh()]
-        for _ in range(depth - 1):
-            layers += [nn.Linear(width, width), nn.Tanh()]
-        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+        net = [nn.Linear(1, nodes), nn.Tanh()]
+        for _ in range(layers - 1):
+            net += [nn.Linear(nodes, nodes), nn.Tanh()]
+        self.net = nn.Sequential(*net, nn.Linear(nodes, 1))
 
     def forward(self, t):
         return self.net(t)

@@ -92,16 +92,14 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         built: dict = {}  # each seed's model, built once: the first now (a bad net_config fails here)
         vectorize = config.trainer.vectorize_seeds and len(config.seeds) > 1
         models = [seed_model(config, seed, device, built)[0] for seed in config.seeds[:1 + vectorize]]
+        optimizer = config.create_optimizer(models[0])  # thrown away: a bad *_config fails here too
+        config.create_scheduler(optimizer), config.create_criterion()
         if vectorize:  # decided once, before anything is written: a one-batch trial of the real step
             reason = "; ".join(stacking.why_not(config, config.trainer_settings(), device, world, train_set,
                                                   val_set, models)) or None
             vectorize = reason is None
         else:
             reason = "trainer.vectorize_seeds is false" if len(config.seeds) > 1 else "one seed"
-        if rank == 0 and len(config.seeds) > 1:  # one line, always: how the seeds train, and why
-            dropout = "; with dropout, a seed's draws depend on the seeds beside it" * has_dropout(models[0])
-            print(f"seeds {','.join(map(str, config.seeds))} train together as one stacked model{dropout}"
-                  if vectorize else f"seeds train one after another: {reason}", file=sys.stderr)
         group = group or config.group_name()
         group_dir = RUNS_DIR / config.project / group
         check_group(config, group_dir, resume)  # every rank reads the same files, so all agree
@@ -125,6 +123,10 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
                 raise ConfigError(str(group_dir), "",
                                   f"cannot write the run folder: {e.strerror or e}") from None
         distributed.barrier()
+        if rank == 0 and len(config.seeds) > 1:  # one line, always: how the seeds train, and why
+            dropout = "; with dropout, a seed's draws depend on the seeds beside it" * has_dropout(models[0])
+            print(f"seeds {','.join(map(str, config.seeds))} train together as one stacked model{dropout}"
+                  if vectorize else f"seeds train one after another: {reason}", file=sys.stderr)
         results, busy, status = [], [], "failed"
         try:
             # Groups of seeds that train at once: all of them together, or each on its own.

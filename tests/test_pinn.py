@@ -37,7 +37,7 @@ def test_preflight_checks_the_residual(workdir, capsys):
     out = capsys.readouterr().out
     assert "val_loss" in out and "2, together in one stack" in out
     # An equation whose residual cannot be computed (omega = 0 divides by zero): one line, no traceback.
-    config = pinn(net_config={"width": 8, "depth": 2, "equation": {"zeta": 0.2, "omega": 0.0}})
+    config = pinn(net_config={"nodes": 8, "layers": 2, "equation": {"zeta": 0.2, "omega": 0.0}})
     assert preflight(config) == 1
     out = capsys.readouterr().out
     assert "FAIL training step: ZeroDivisionError: float division by zero" in out and "Traceback" not in out
