@@ -30,7 +30,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from engine import distributed
 from engine.checkpoint import disk_full
-from engine.folders import RUNS_DIR, TEMPLATE_DIR
+from engine.errors import ConfigError
+from engine.folders import RUNS_DIR, TEMPLATE_DIR, LockUnavailable
 from engine.run import run
 from engine.search_space import suggest
 from engine.studies import storage_at
@@ -169,7 +170,9 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig, worker: bool = 
     remaining = opt_config.trials - finished
     if remaining > 0:
         objective = make_objective(run_config, opt_config, study.study_name)
-        full: list[OSError] = []  # a full disk, reported as main.py reports one (exit 1)
+        # Errors that every later trial would meet too: a full disk, a file system without locks.
+        # The study stops at the first, and it is reported once, as main.py reports it (exit 1, 2).
+        fatal: list[Exception] = []
 
         def claimed(trial: optuna.Trial) -> float:
             # Workers check before asking for a trial (below), but two can ask at once:
@@ -182,11 +185,12 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig, worker: bool = 
             try:
                 return objective(trial)
             except Exception as e:
-                if disk_full(e) is None:
+                error = e if isinstance(e, LockUnavailable) else disk_full(e)
+                if error is None:
                     raise
-                full.append(disk_full(e))  # every later trial would fail the same way: stop, and
-                study.stop()               # report it once, after the study, as main.py does
-                return math.nan            # a failed trial, without Optuna's traceback of it
+                fatal.append(error)
+                study.stop()
+                return math.nan  # a failed trial, without Optuna's traceback of it
 
         def stop_when_full(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # Finished or running anywhere: what every worker sees, so they stop together; but
@@ -211,8 +215,8 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig, worker: bool = 
         with bar, logging_redirect_tqdm([optuna.logging.get_logger("optuna")]):
             study.optimize(claimed, n_trials=remaining, catch=(Exception,),
                            callbacks=[stop_when_full, advance])
-        if full:
-            raise full[0]
+        if fatal:
+            raise fatal[0]
     return study
 
 
@@ -289,6 +293,11 @@ def run_workers(argv: list[str], workers: int, run_config: RunConfig,
         if code < 0:  # killed outright: the others retried its trial if they outlived its grace period
             print(f"worker {i} was killed ({signal.Signals(-code).name}); its trial does not count and is "
                   f"tried again by the other workers or the next run; see {logs[i]}", file=sys.stderr)
+    for i, code in enumerate(codes):
+        if code == 2:  # bad input or a file system without locks: the worker's one line, said here too
+            said = [line[len("error: "):] for line in logs[i].read_text().splitlines()
+                    if line.startswith("error: ")]
+            raise ConfigError(f"worker {i} ({logs[i]})", "", said[-1] if said else "see its log")
     if any(code not in (0, 1) and code >= 0 for code in codes):
         raise RuntimeError(f"worker exit codes {codes}; see {', '.join(map(str, logs))}")
     return study
