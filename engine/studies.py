@@ -132,7 +132,8 @@ def hide_password(url: str) -> str:
 
 def serve_dashboard(name: str, url: str, port: int) -> None:
     """Optuna Dashboard over the storage at `url`, on 127.0.0.1 only, until Ctrl-C; prints the
-    address of study `name`'s page. Port 0 takes a free one."""
+    address of study `name`'s page, and that every user of this machine can reach it (127.0.0.1
+    is not private on a shared login node, and the dashboard has no login). Port 0 takes a free one."""
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     import optuna_dashboard
@@ -152,7 +153,10 @@ def serve_dashboard(name: str, url: str, port: int) -> None:
     with server:
         print(f"Optuna Dashboard for study {name} ({hide_password(url)}):\n"
               f"  http://127.0.0.1:{server.server_port}/dashboard/studies/{study_id}\n"
-              "Ctrl-C stops it.", flush=True)
+              "Ctrl-C stops it.\n"
+              f"It has no login: every user of this machine can reach port {server.server_port} and delete "
+              "studies. On a shared machine, run it on your own computer (python analyze.py --help).",
+              flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
