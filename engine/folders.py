@@ -198,9 +198,10 @@ def node_local_locks(fs_type: str, options: set[str]) -> str | None:
 
 def beegfs_global_locks(options: set[str]) -> bool:
     """BeeGFS keeps flocks on each client unless its client config sets tuneUseGlobalFileLocks."""
-    config = next((o.split("=", 1)[1] for o in options if o.startswith("cfgFile=")), None)
+    config = next((o.split("=", 1)[1] for o in options if o.startswith("cfgFile=")),
+                  "/etc/beegfs/beegfs-client.conf")
     try:
-        text = Path(config).read_text() if config else ""
+        text = Path(config).read_text()
     except OSError:
         return False
     return re.search(r"^\s*tuneUseGlobalFileLocks\s*=\s*true\b", text, re.M | re.I) is not None
