@@ -77,8 +77,8 @@ def retry_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 def wait_for_silent_trials(study: optuna.Study, opt_config: OptimizeConfig) -> int:
     """While trials running elsewhere hold all of the study's remaining places, wait until they
     end or their silence shows them dead (then Optuna fails them and retry_killed queues them),
-    at most one grace period: a trial still beating after it has a live worker. Returns the
-    trials finished or running anywhere."""
+    at most one grace period: a trial still beating after that has a live worker, and is left
+    to it. Returns the number of trials finished or running anywhere."""
     deadline = time.monotonic() + (opt_config.grace_period or 2 * opt_config.heartbeat_interval) + 1
     while True:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and stable for years
@@ -291,8 +291,9 @@ def run_workers(argv: list[str], workers: int, run_config: RunConfig,
         raise
     for i, code in enumerate(codes):
         if code < 0:  # killed outright: the others retried its trial if they outlived its grace period
-            print(f"worker {i} was killed ({signal.Signals(-code).name}); its trial does not count and is "
-                  f"tried again by the other workers or the next run; see {logs[i]}", file=sys.stderr)
+            name = next((s.name for s in signal.Signals if s == -code), f"signal {-code}")
+            print(f"worker {i} was killed ({name}): the trial it ran does not count, and is tried again "
+                  f"by the other workers or by the next run; see {logs[i]}", file=sys.stderr)
     for i, code in enumerate(codes):
         if code == 2:  # bad input or a file system without locks: the worker's one line, said here too
             said = [line[len("error: "):] for line in logs[i].read_text().splitlines()
