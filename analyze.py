@@ -7,6 +7,18 @@
     python analyze.py --study NAME --dashboard [--port P]  # Optuna Dashboard on 127.0.0.1, until Ctrl-C
     python analyze.py --sync --project P --group G [--dry-run]  # wandb sync of the group's offline runs
 
+Optuna Dashboard has no login, and its pages can delete studies and trials. It listens on
+127.0.0.1 only, but every user logged in to the same machine can reach 127.0.0.1 too, so on
+a shared machine (a cluster's login node) anyone there could delete your study; forwarding
+it with `ssh -L 8080:127.0.0.1:8080 login-node` does not change that. The private way is to
+run the dashboard on your own computer, over a copy of the storage:
+
+    scp login-node:path/to/runs/P/optuna.db runs/P/       # or optuna.journal; copy again for new trials
+    python analyze.py --study NAME --dashboard
+
+or over a database server reached through a tunnel, which only you can use:
+`ssh -N -L 5432:db-host:5432 login-node`, then `--storage postgresql+psycopg://user@127.0.0.1:5432/db`.
+
 In a notebook (importing this file does nothing else):
 
     from analyze import load_run, load_study
@@ -232,7 +244,9 @@ def report_runs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    privacy = __doc__[__doc__.index("Optuna Dashboard has no login"):__doc__.index("In a notebook")]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=privacy,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project")
     parser.add_argument("--group")
     parser.add_argument("--seed")
@@ -243,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="with --study: print the report as JSON")
     parser.add_argument("--dashboard", action="store_true",
-                        help="with --study: serve Optuna Dashboard on 127.0.0.1 until Ctrl-C")
+                        help="with --study: serve Optuna Dashboard on 127.0.0.1 until Ctrl-C. It has no "
+                             "login and can delete studies, and every user of this machine can reach "
+                             "127.0.0.1: on a shared login node, run it on your own computer over a copy "
+                             "of the storage (see below)")
     parser.add_argument("--port", type=int, help="with --dashboard: the port (default 8080; 0 = a free one)")
     parser.add_argument("--sync", action="store_true",
                         help="with --project and --group: upload the group's offline wandb runs (wandb sync)")

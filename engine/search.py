@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +30,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from engine import distributed
 from engine.checkpoint import disk_full
-from engine.folders import RUNS_DIR, TEMPLATE_DIR
+from engine.errors import ConfigError
+from engine.folders import RUNS_DIR, TEMPLATE_DIR, LockUnavailable
 from engine.run import run
 from engine.search_space import suggest
 from engine.studies import storage_at
@@ -37,10 +41,13 @@ if TYPE_CHECKING:  # types only: the engine imports none of your files when it r
 
 # Trials that count towards `trials`; failed ones do not, so a rerun tops them up.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_KILLED = 3  # tries of one configuration whose process was killed outright each time
 
 
 def open_storage(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.storages.BaseStorage:
-    """The study's storage, with heartbeats so that trials of a killed process are failed."""
+    """The study's storage, with heartbeats on every kind (SQLite, a server, a journal file): a
+    trial whose process was killed outright (out of memory, a failed node) stops beating, and
+    after the grace period it is failed and its parameters are queued again (retry_killed)."""
     url = opt_config.storage
     if url is None:
         path = RUNS_DIR / run_config.project / "optuna.db"
@@ -48,11 +55,40 @@ def open_storage(run_config: RunConfig, opt_config: OptimizeConfig) -> optuna.st
         url = f"sqlite:///{path}"
     if url.endswith(".journal"):  # Optuna's journal file: no server, and safe on a shared filesystem (NFS)
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return storage_at(url)
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and stable for years
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return storage_at(url, heartbeat_interval=opt_config.heartbeat_interval,
-                          grace_period=opt_config.grace_period)
+    return storage_at(url, heartbeat_interval=opt_config.heartbeat_interval,
+                      grace_period=opt_config.grace_period, stale_trial_callback=retry_killed)
+
+
+def retry_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna's heartbeat found `trial` dead and has failed it: queue its parameters again, so
+    that the retry continues its folder from the checkpoint, as after a signal. A configuration
+    whose process dies every time (out of memory) is given up after MAX_KILLED tries."""
+    first = trial.user_attrs.get("retry_of", trial.number)
+    killed = trial.user_attrs.get("killed", 0) + 1
+    if killed >= MAX_KILLED:
+        print(f"trial {trial.number} stopped beating: its process died {killed} times with these "
+              "parameters, which are not tried again", file=sys.stderr)
+        return
+    print(f"trial {trial.number} stopped beating (its process died); its parameters run again",
+          file=sys.stderr)
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": first, "killed": killed})
+
+
+def wait_for_silent_trials(study: optuna.Study, opt_config: OptimizeConfig) -> int:
+    """While trials running elsewhere hold all of the study's remaining places, wait until they
+    end or their silence shows them dead (then Optuna fails them and retry_killed queues them),
+    at most one grace period: a trial still beating after that has a live worker, and is left
+    to it. Returns the number of trials finished or running anywhere."""
+    deadline = time.monotonic() + (opt_config.grace_period or 2 * opt_config.heartbeat_interval) + 1
+    while True:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and stable for years
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if not finished < opt_config.trials <= finished + running or time.monotonic() > deadline:
+            return finished + running
+        time.sleep(0.5)
 
 
 def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name: str):
@@ -67,6 +103,7 @@ def make_objective(run_config: RunConfig, opt_config: OptimizeConfig, study_name
             for step, value in earlier_curve(trial, first).items():
                 trial.report(value, step)
         trial.set_user_attr("epochs", config.epochs)  # read by the pruner: where the curve ends
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # whose death it was
         trial.set_user_attr("run_dir", str(RUNS_DIR / config.project / group))
 
         def report(epoch: int, metrics: dict) -> None:
@@ -128,11 +165,14 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig, worker: bool = 
     Several processes may run this on one study at once (see run_workers); a `worker`, like
     a Slurm job, draws no bar over the trials: its output goes to a log."""
     study = open_study(run_config, opt_config)
+    wait_for_silent_trials(study, opt_config)  # a killed worker's trial, failed and queued again
     finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
     remaining = opt_config.trials - finished
     if remaining > 0:
         objective = make_objective(run_config, opt_config, study.study_name)
-        full: list[OSError] = []  # a full disk, reported as main.py reports one (exit 1)
+        # Errors that every later trial would meet too: a full disk, a file system without locks.
+        # The study stops at the first, and it is reported once, as main.py reports it (exit 1, 2).
+        fatal: list[Exception] = []
 
         def claimed(trial: optuna.Trial) -> float:
             # Workers check before asking for a trial (below), but two can ask at once:
@@ -145,15 +185,19 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig, worker: bool = 
             try:
                 return objective(trial)
             except Exception as e:
-                if disk_full(e) is None:
+                error = e if isinstance(e, LockUnavailable) else disk_full(e)
+                if error is None:
                     raise
-                full.append(disk_full(e))  # every later trial would fail the same way: stop, and
-                study.stop()               # report it once, after the study, as main.py does
-                return math.nan            # a failed trial, without Optuna's traceback of it
+                fatal.append(error)
+                study.stop()
+                return math.nan  # a failed trial, without Optuna's traceback of it
 
-        # Finished or running anywhere: what every worker sees, so they stop together.
-        stop_when_full = optuna.study.MaxTrialsCallback(opt_config.trials,
-                                                        states=(*FINISHED_STATES, TrialState.RUNNING))
+        def stop_when_full(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            # Finished or running anywhere: what every worker sees, so they stop together; but
+            # not while a dead worker's trial holds a place that a retry should take.
+            if wait_for_silent_trials(study, opt_config) >= opt_config.trials:
+                study.stop()
+
         # The bar over trials opens first, so tqdm draws each seed's epoch bar below it.
         # `disable` is passed only to hide it, so that TQDM_DISABLE=1 still hides it too.
         hidden = {"disable": True} if worker or "SLURM_JOB_ID" in os.environ else {}
@@ -171,8 +215,8 @@ def run_study(run_config: RunConfig, opt_config: OptimizeConfig, worker: bool = 
         with bar, logging_redirect_tqdm([optuna.logging.get_logger("optuna")]):
             study.optimize(claimed, n_trials=remaining, catch=(Exception,),
                            callbacks=[stop_when_full, advance])
-        if full:
-            raise full[0]
+        if fatal:
+            raise fatal[0]
     return study
 
 
@@ -245,7 +289,17 @@ def run_workers(argv: list[str], workers: int, run_config: RunConfig,
         for p in procs:
             p.wait()  # they got the same Ctrl-C: let them save their checkpoints
         raise
-    if any(code not in (0, 1) for code in codes):
+    for i, code in enumerate(codes):
+        if code < 0:  # killed outright: the others retried its trial if they outlived its grace period
+            name = next((s.name for s in signal.Signals if s == -code), f"signal {-code}")
+            print(f"worker {i} was killed ({name}): the trial it ran does not count, and is tried again "
+                  f"by the other workers or by the next run; see {logs[i]}", file=sys.stderr)
+    for i, code in enumerate(codes):
+        if code == 2:  # bad input or a file system without locks: the worker's one line, said here too
+            said = [line[len("error: "):] for line in logs[i].read_text().splitlines()
+                    if line.startswith("error: ")]
+            raise ConfigError(f"worker {i} ({logs[i]})", "", said[-1] if said else "see its log")
+    if any(code not in (0, 1) and code >= 0 for code in codes):
         raise RuntimeError(f"worker exit codes {codes}; see {', '.join(map(str, logs))}")
     return study
 
@@ -258,7 +312,10 @@ def report_best(study: optuna.Study, run_config: RunConfig) -> tuple[str, Path |
     lines = [f"study {study.study_name}: " + ", ".join(f"{n} {k}" for k, n in counts.items())]
     for t in trials:
         if t.state == TrialState.FAIL:
-            lines.append(f"  trial {t.number} failed: {t.user_attrs.get('reason', '?')}")
+            # Only a trial failed by Optuna's heartbeat has no reason: its process could not write one.
+            reason = t.user_attrs.get("reason", "no heartbeat: its process died (killed outright, out "
+                                                "of memory, a failed node)")
+            lines.append(f"  trial {t.number} failed: {reason}")
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
                 and math.isfinite(t.value)]
     if not complete:

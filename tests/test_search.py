@@ -145,3 +145,25 @@ def test_tqdm_disable_hides_the_bar_over_trials(workdir, tiny, monkeypatch):
     assert result.returncode == 0, result.stderr
     assert "study quiet" not in result.stderr and "trial/s" not in result.stderr
     assert "best trial" in result.stdout
+
+
+def test_a_configuration_killed_three_times_is_not_tried_again(capsys):
+    """What Optuna's heartbeat hands over when a trial's process died: its parameters are queued
+    again (with the first trial's number, so the retry continues its folder) unless they have now
+    killed their process three times (out of memory each time): then the study samples others."""
+    from engine.search import MAX_KILLED, retry_killed
+    study = optuna.create_study()
+    space = {"optimizer_config.lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)}
+    trial = study.ask(space)
+    for tries in range(1, MAX_KILLED + 1):
+        study.tell(trial, state=TrialState.FAIL)  # as Optuna's fail_stale_trials fails it
+        retry_killed(study, study.trials[-1])
+        if tries < MAX_KILLED:
+            trial = study.ask(space)  # the queued retry
+            assert trial.params == study.trials[0].params
+            assert trial.user_attrs == {"retry_of": 0, "killed": tries}
+    assert study.get_trials(states=(TrialState.WAITING,)) == []  # given up
+    assert capsys.readouterr().err.splitlines() == [
+        "trial 0 stopped beating (its process died); its parameters run again",
+        "trial 1 stopped beating (its process died); its parameters run again",
+        "trial 2 stopped beating: its process died 3 times with these parameters, which are not tried again"]
