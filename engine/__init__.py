@@ -26,6 +26,8 @@ model.py, your data and metrics in util.py, your experiment in a YAML file under
     pruner.py           PFLPruner, the predicted-final-loss pruner
     preflight.py        --preflight: what the first epoch runs, checked, stage by stage
     provenance.py       provenance.json: how to reproduce a group
+    slurm.py            --slurm: the Slurm YAML, the sbatch script, submission
+    slurm_job.py        inside a Slurm job: its signals, srun's tasks as ranks, resume, requeue limits
 
 Nothing in here imports your files (main, config, model, util, analyze): your code reaches
 the engine through the import paths in your config. Importing the package imports no torch.

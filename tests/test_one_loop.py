@@ -19,6 +19,7 @@ def train_both(tiny: dict, together: bool):
     return config, result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "seeds-together"])
 def test_a_changed_loss_step_is_what_both_paths_train_and_validate(workdir, tiny, monkeypatch, together):
     original = LossStep.forward
@@ -34,6 +35,7 @@ def test_a_changed_loss_step_is_what_both_paths_train_and_validate(workdir, tiny
     assert all(row["train_loss"] > 100 and row["val_loss"] > 100 for row in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "seeds-together"])
 def test_a_changed_optimizer_step_is_what_both_paths_take(workdir, tiny, monkeypatch, together):
     steps = []

@@ -20,6 +20,7 @@ def pinn(**change) -> RunConfig:
     return RunConfig.from_dict(data)
 
 
+@pytest.mark.slow
 def test_val_loss_is_the_residual_and_initial_conditions_on_the_grid(workdir, capsys):
     config = pinn(epochs=3, group="short")
     result = run(config)
@@ -32,6 +33,7 @@ def test_val_loss_is_the_residual_and_initial_conditions_on_the_grid(workdir, ca
     assert by_hand > 0
 
 
+@pytest.mark.slow
 def test_preflight_checks_the_residual(workdir, capsys):
     assert preflight(pinn()) == 0
     out = capsys.readouterr().out
@@ -54,6 +56,7 @@ def test_the_trained_network_approaches_the_known_solution(workdir):
     assert (result.group_dir / "plots" / "prediction_1.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["run_template.yaml", "run_classify.yaml", "run_pinn.yaml"])
 def test_every_shipped_example_analyses(workdir, name, capsys):
     data = load_yaml(ROOT / "configs" / name)

@@ -167,6 +167,7 @@ def config_for(tiny: dict, case: str, **change) -> RunConfig:
                                 "group": case, **change})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_shape_trains_preflights_analyses_and_loads(shapes, tiny, case, capsys):
     config = config_for(tiny, case)
@@ -188,6 +189,7 @@ def test_each_shape_trains_preflights_analyses_and_loads(shapes, tiny, case, cap
     assert torch.is_tensor(pred) and pred.shape[0] == 4
 
 
+@pytest.mark.slow
 def test_a_tuple_output_is_the_first_element_for_metrics_said_once(shapes, tiny, capsys):
     run(config_for(tiny, "tuple", metrics=["torch.nn.functional.mse_loss"]))
     said = [line for line in capsys.readouterr().err.splitlines() if "first element" in line]
@@ -207,6 +209,7 @@ def test_a_net_config_that_does_not_fit_the_constructor_is_one_line(shapes, tiny
     assert str(info.value) == f"c.yaml: {words}"
 
 
+@pytest.mark.slow
 def test_a_models_constructor_runs_once_per_seed(shapes, tiny, capsys):
     (shapes / "counted.py").write_text(
         "from model import MLP\n\n\nclass Loud(MLP):\n"
@@ -218,6 +221,7 @@ def test_a_models_constructor_runs_once_per_seed(shapes, tiny, capsys):
         assert capsys.readouterr().out.count("built") == 3
 
 
+@pytest.mark.slow
 def test_the_line_gives_every_reason_the_seeds_train_one_by_one(shapes, tiny, capsys):
     (shapes / "normed.py").write_text(
         "import torch\nfrom model import MLP\n\n\nclass Normed(MLP):\n"
@@ -286,6 +290,7 @@ def test_validation_batches_are_contiguous_like_training_ones(edges, tiny):
     assert preflight(config) == 0
 
 
+@pytest.mark.slow
 def test_an_input_gradient_loss_trains_validates_and_preflights(edges, tiny, capsys):
     config = RunConfig.from_dict({**tiny, "net": "edges.Smooth", "epochs": 2, "seeds": [1, 2]})
     result = run(config)
@@ -323,6 +328,7 @@ class Dropped(MLP):
 '''
 
 
+@pytest.mark.slow
 def test_a_stacked_resume_after_a_seed_stopped_is_bit_identical_with_dropout(workdir, monkeypatch, tiny):
     from conftest import assert_same_as
     from engine.reproducibility import set_seed
@@ -351,6 +357,7 @@ def test_a_stacked_resume_after_a_seed_stopped_is_bit_identical_with_dropout(wor
     assert_same_as(resumed.group_dir, straight.group_dir, [seeds[0], seeds[2]])
 
 
+@pytest.mark.slow
 def test_provenance_says_the_seeds_trained_one_by_one_when_a_resume_falls_back(workdir, tiny):
     def interrupt(epoch, metrics):
         if epoch == 2:

@@ -45,6 +45,7 @@ def interrupted_at(epoch):
     return [callback]
 
 
+@pytest.mark.slow
 def test_a_seed_stopped_without_its_result_json_finishes_on_a_stacked_resume(models, tiny):
     config = RunConfig.from_dict({**tiny, "net": "models.Poisoned", "seeds": [1, 2, 3, 4, 5],
                                   "epochs": 4, "checkpoint_every_s": 0, "group": "g"})
@@ -61,6 +62,7 @@ def test_a_seed_stopped_without_its_result_json_finishes_on_a_stacked_resume(mod
     assert all(json.loads((d / "result.json").read_text())["status"] == "diverged" for d in diverged)
 
 
+@pytest.mark.slow
 def test_unsaved_buffers_and_0_dim_parameters_resume_stacked_with_adam_and_clipping(models, tiny, capsys):
     data = {**tiny, "net": "stacked_models.Scaled", "seeds": [1, 2], "epochs": 4, "checkpoint_every_s": 0,
             "optimizer": "torch.optim.Adam", "trainer": {"grad_clip": 0.5}}
@@ -74,6 +76,7 @@ def test_unsaved_buffers_and_0_dim_parameters_resume_stacked_with_adam_and_clipp
     assert [s.best_value for s in resumed.seeds] == [s.best_value for s in straight.seeds]
 
 
+@pytest.mark.slow
 def test_a_create_optimizer_that_reads_named_parameters_trains_one_by_one(models, tiny, monkeypatch, capsys):
     import torch
 
