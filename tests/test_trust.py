@@ -157,7 +157,7 @@ def test_nothing_outside_is_imported_to_check_it(places, tmp_path_factory, monke
         resolve("sideeffect.run", places[1])
     assert not (site / "IMPORTED").exists() and "sideeffect" not in sys.modules
     assert resolve("sideeffect.run") is print and (site / "IMPORTED").exists()
-    monkeypatch.delitem(sys.modules, "sideeffect")
+    del sys.modules["sideeffect"]
 
 
 def test_a_notebook_inside_the_run_folder_imports_nothing_it_ships(places, monkeypatch):
@@ -201,3 +201,8 @@ def test_the_users_own_config_may_name_an_installed_package(workdir, tiny, tmp_p
     with pytest.raises(ConfigError, match="net: refusing 'mylib.MLP'"):
         analyze.load_run(first.group_dir)
     assert set(analyze.load_run(first.group_dir, trust=True).models) == {7}
+
+
+def test_trust_is_never_silently_ignored(workdir, capsys):
+    assert analyze.main(["--sync", "--project", "p", "--group", "g", "--trust"]) == 2
+    assert capsys.readouterr().err == "error: --trust: only the analysis of a run folder uses it\n"
