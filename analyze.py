@@ -2,6 +2,7 @@
 
     python analyze.py                                    # interactive: pick project, group, seed
     python analyze.py --project P --group G [--seed S]   # for scripts (all seeds without --seed)
+    python analyze.py --project P --group G --trust      # a folder whose config names code elsewhere
     python analyze.py --study NAME [--project P]         # a study's report and its best trial
     python analyze.py --study NAME --storage URL         # a study in another Optuna storage
     python analyze.py --study NAME --dashboard [--port P]  # Optuna Dashboard on 127.0.0.1, until Ctrl-C
@@ -26,10 +27,14 @@ In a notebook (importing this file does nothing else):
     study = load_study("NAME")                  # the Optuna study
 
 Each model is rebuilt from the config saved beside it and its weights are loaded
-with torch.load(weights_only=True). PNGs go to runs/<project>/<group>/plots/: per seed its
-predictions as the task allows (prediction_<seed>.png for a regression, confusion_<seed>.png
-for class scores; a line says why when neither fits), and losses.png (every seed's losses
-and metrics).
+with torch.load(weights_only=True). A run folder may come from someone else, so the import
+paths its config names must lie in this project (your files, not installed packages) or in
+torch.nn, torch.optim, optuna.samplers, optuna.pruners: anything else is refused before it is
+imported, unless you trust the folder (--trust, load_run(..., trust=True)).
+
+PNGs go to runs/<project>/<group>/plots/: per seed its predictions as the task allows
+(prediction_<seed>.png for a regression, confusion_<seed>.png for class scores; a line says
+why when neither fits), and losses.png (every seed's losses and metrics).
 """
 from __future__ import annotations
 
@@ -74,11 +79,12 @@ def seeds_in(group_dir: Path) -> list[str]:
     return [name for name in folders(group_dir) if (group_dir / name / "model.pt").exists()]
 
 
-def load_model(group_dir: Path, seed: str, device: str):
-    """(config, model with trained weights) from a run folder."""
+def saved_config(group_dir: Path, trust: bool, hint: str = "pass --trust if you trust this folder"):
+    """The run folder's config.yaml; unless trusted, an import path in it outside this project
+    and the allowed packages is a ConfigError naming the key, and nothing is imported."""
     from config import RunConfig
-    config = RunConfig.from_yaml(group_dir / "config.yaml")
-    return config, trained_model(config, group_dir / seed / "model.pt", device)
+    from engine.folders import untrusted
+    return RunConfig.from_yaml(group_dir / "config.yaml", None if trust else untrusted(group_dir, hint))
 
 
 def trained_model(config, weights: Path, device: str):
@@ -110,13 +116,13 @@ class LoadedRun:
             return predict(model, x.to(next(model.parameters()).device))
 
 
-def load_run(path: str | Path, device: str = "cpu") -> LoadedRun:
+def load_run(path: str | Path, device: str = "cpu", trust: bool = False) -> LoadedRun:
     """Load runs/<project>/<group>/ for a notebook. A seed still training gives its best
-    weights so far (best.pt) and the epochs it has written."""
+    weights so far (best.pt) and the epochs it has written. trust=True: the folder's config may
+    name code outside this project and the allowed packages (only for folders you trust)."""
     import numpy as np
-    from config import RunConfig
     group_dir = run_folder(Path(path))
-    config = RunConfig.from_yaml(group_dir / "config.yaml")
+    config = saved_config(group_dir, trust, "pass trust=True to load_run if you trust this folder")
     run = LoadedRun(config, {}, {}, {})
     rows = read_metrics(group_dir)
     for seed in config.seeds:
@@ -155,14 +161,15 @@ def validation(config, model, val_set, device: str) -> dict[str, float]:
     return trainer.evaluate(trainer.on_device(val_set))
 
 
-def analyze_group(group_dir: Path, seeds: list[str], device: str) -> dict[str, float]:
+def analyze_group(group_dir: Path, seeds: list[str], device: str, trust: bool = False) -> dict[str, float]:
     """Reload each seed, print its validation loss, save the plots; returns {seed: loss}."""
+    config = saved_config(group_dir, trust)  # refused before anything is written
     plots = group_dir / "plots"
     plots.mkdir(exist_ok=True)
     losses = {}
     val_set = None
     for seed in seeds:
-        config, model = load_model(group_dir, seed, device)
+        model = trained_model(config, group_dir / seed / "model.pt", device)
         if val_set is None:
             _, val_set = config.load_data()
         values = validation(config, model, val_set, device)
@@ -180,6 +187,9 @@ def analyze_group(group_dir: Path, seeds: list[str], device: str) -> dict[str, f
 def report_study(args: argparse.Namespace) -> int:
     """--study: the report, then the best trial's run; 1 when no trial completed."""
     study = find_study(args.study, args.project, args.storage)
+    best_dir = best_run_folder(study)
+    if best_dir is not None and not args.json:  # refused before the report is written
+        saved_config(best_dir, args.trust)
     # The report goes beside the trials' folders.
     run_dirs = [t.user_attrs["run_dir"] for t in study.get_trials(deepcopy=False)
                 if "run_dir" in t.user_attrs]
@@ -191,8 +201,18 @@ def report_study(args: argparse.Namespace) -> int:
         print_report(report)
         if report["best"] is not None:
             group_dir = Path(report["best"]["run_dir"])
-            analyze_group(group_dir, [args.seed] if args.seed else seeds_in(group_dir), args.device)
+            seeds = [args.seed] if args.seed else seeds_in(group_dir)
+            analyze_group(group_dir, seeds, args.device, args.trust)
     return 0 if report["best"] is not None else 1
+
+
+def best_run_folder(study) -> Path | None:
+    """The folder of the study's best trial, if one completed and says where it ran."""
+    try:
+        run_dir = study.best_trial.user_attrs.get("run_dir")
+    except ValueError:  # no completed trial
+        return None
+    return Path(run_dir) if run_dir else None
 
 
 def dashboard(args: argparse.Namespace) -> int:
@@ -239,7 +259,7 @@ def report_runs(args: argparse.Namespace) -> int:
         seeds = available
     if any(s not in available for s in seeds):
         raise ConfigError("--seed", "", f"{group_dir}/ has seeds {', '.join(available)}")
-    analyze_group(group_dir, seeds, args.device)
+    analyze_group(group_dir, seeds, args.device, args.trust)
     return 0
 
 
@@ -265,13 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync", action="store_true",
                         help="with --project and --group: upload the group's offline wandb runs (wandb sync)")
     parser.add_argument("--dry-run", action="store_true", help="with --sync: print the command, run nothing")
+    parser.add_argument("--trust", action="store_true",
+                        help="let the run folder's config name code outside this project and torch.nn, "
+                             "torch.optim, optuna.samplers, optuna.pruners (only for folders you trust)")
     args = parser.parse_args(argv)
     sys.path.insert(1, os.getcwd())
     try:
         for flag, given, needed, present in (("--storage", args.storage, "--study", args.study),
                                              ("--dashboard", args.dashboard, "--study", args.study),
                                              ("--port", args.port is not None, "--dashboard", args.dashboard),
-                                             ("--dry-run", args.dry_run, "--sync", args.sync)):
+                                             ("--dry-run", args.dry_run, "--sync", args.sync),
+                                             ("--trust", args.trust, "the analysis of a run folder",
+                                              not (args.sync or args.dashboard or args.json))):
             if given and not present:  # never silently ignored
                 raise ConfigError(flag, "", f"only {needed} uses it")
         for flag, name in (("--project", args.project), ("--group", args.group), ("--seed", args.seed)):

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 from engine.errors import ConfigError
 from engine.folders import name_problem
 from engine.loader import dump_yaml, flatten, from_mapping, load_yaml, set_dotted, short_hash, to_plain
-from engine.resolve import build_model, check_config_kwargs, check_net_config, create, resolve, resolve_key
+from engine.resolve import (Untrusted, build_model, check_config_kwargs, check_net_config, create, resolve,
+                            resolve_key)
 from engine.search_space import check_distribution, flatten_space
 from engine.settings import Settings, SettingsError
 
@@ -97,17 +98,19 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     source: str = field(default="<dict>", compare=False, repr=False)  # the file it came from
     written_device: str = field(default="auto", init=False, repr=False)  # `device` as the file says it
+    untrusted: Untrusted | None = field(default=None, init=False, compare=False, repr=False)
     run_only_keys: ClassVar[tuple[str, ...]] = RUN_ONLY_KEYS
 
     # ---- loading and saving
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> RunConfig:
-        return cls.from_dict(load_yaml(path), source=str(path))
+    def from_yaml(cls, path: str | Path, untrusted: Untrusted | None = None) -> RunConfig:
+        return cls.from_dict(load_yaml(path), source=str(path), untrusted=untrusted)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<dict>") -> RunConfig:
+    def from_dict(cls, data: dict, source: str = "<dict>", untrusted: Untrusted | None = None) -> RunConfig:
         config = from_mapping(cls, data, source)
+        object.__setattr__(config, "untrusted", untrusted)  # a run folder's: checked before importing
         config._validate()
         # `device` is what .to() takes; the file (and every copy of it) keeps what the user wrote.
         object.__setattr__(config, "written_device", config.device)
@@ -148,7 +151,7 @@ class RunConfig:
         source = source or self.source
         for dotted, value in overrides.items():
             set_dotted(data, dotted, value, source)
-        return RunConfig.from_dict(data, source=source)
+        return RunConfig.from_dict(data, source=source, untrusted=self.untrusted)
 
     def to_dict(self) -> dict:
         """The config as its file says it (device: auto stays auto)."""
@@ -247,7 +250,7 @@ class RunConfig:
             if name in functions or name == "val_loss":  # one column each, never in place of the loss
                 raise ConfigError(self.source, f"metrics[{i}]", f"{path} would be a second {name} column")
             try:
-                functions[name] = resolve(path)
+                functions[name] = resolve(path, self.untrusted)
             except ImportError as e:
                 raise ConfigError(self.source, f"metrics[{i}]", str(e)) from None
         return functions

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from engine.errors import ConfigError
+from engine.loader import from_mapping, load_yaml
+from engine.resolve import Untrusted
 
 if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
     from config import RunConfig
@@ -40,7 +42,7 @@ def name_problem(name: str) -> str | None:
 
 def check_group(config: RunConfig, group_dir: Path, resume: bool) -> None:
     """Refuse, before writing anything, to overwrite results or to resume another config.
-    The saved config is read back with the class of `config`."""
+    The saved config is read back only to compare (saved_config): nothing it names is imported."""
     for key, name in (("project", group_dir.parent.name), ("group", group_dir.name)):
         if name_problem(name) or group_dir.parent.parent != RUNS_DIR:  # a group given by code
             raise ConfigError(config.source, key, name_problem(name) or f"{group_dir} is not in {RUNS_DIR}/")
@@ -62,7 +64,7 @@ def check_group(config: RunConfig, group_dir: Path, resume: bool) -> None:
         hint = f"; the nearest, {nearest[0]}, differs in {', '.join(nearest[1])}" if nearest else ""
         raise ConfigError(config.source, "group", f"nothing to resume at {group_dir}/{hint}")
     if saved.exists():
-        differing = type(config).from_yaml(saved).differences(config)
+        differing = saved_config(config, saved).differences(config)
         if differing:
             raise ConfigError(config.source, differing[0],
                               f"{group_dir}/ was trained with a different config (differs in "
@@ -103,10 +105,24 @@ def nearest_group(config: RunConfig, project_dir: Path) -> tuple[str, list[str]]
     candidates = []
     for saved in sorted(project_dir.glob("*/config.yaml")):
         try:
-            candidates.append((saved.parent.name, type(config).from_yaml(saved).differences(config)))
+            candidates.append((saved.parent.name, saved_config(config, saved).differences(config)))
         except ConfigError:
             continue
     return min(candidates, key=lambda c: len(c[1])) if candidates else None
+
+
+def saved_config(config: RunConfig, path: Path) -> RunConfig:
+    """A saved config, read with the class of `config` only to compare with it: typed and checked
+    like any file, but nothing it names is imported, so a folder copied in runs no code."""
+    return from_mapping(type(config), load_yaml(path), str(path))
+
+
+def untrusted(folder: Path, hint: str = "pass --trust if you trust this folder") -> Untrusted:
+    """How a config read from the run folder `folder` is checked (engine/resolve.py): the
+    project's own code is what lies under the template's folder and the current one (which
+    main.py and analyze.py put on sys.path, and where users keep their models); runs/ holds
+    results, never code."""
+    return Untrusted(folder, (TEMPLATE_DIR, Path.cwd()), RUNS_DIR, hint)
 
 
 def claim_seeds(config: RunConfig, group_dir: Path) -> None:
