@@ -9,7 +9,7 @@ The locks pin every package, for Linux x86-64 and aarch64 and macOS arm64. uv, i
 .venv by pip, installs them; plain pip does where uv cannot. TORCH chooses how torch is installed,
 as pip arguments: e.g. TORCH="torch==2.13.0" (what CI uses). When it is set, torch and the packages
 the lock has only for torch (nvidia-*, triton, ...) come from it, held to the lock's versions.
-Installing is skipped when the lock and TORCH have not changed. docs/setup.md says more.
+Installing is skipped when the lock, TORCH and this file have not changed. docs/setup.md says more.
 """
 import hashlib
 import os
@@ -69,8 +69,7 @@ def make_venv() -> Path:
 
 
 def pip(python: Path) -> list[str]:
-    # --no-compile, as uv does: modules are compiled when first imported (torch's install halves)
-    return [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-compile"]
+    return [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
 
 
 def install_uv(python: Path) -> Path | None:
@@ -84,7 +83,8 @@ def setup(task: str) -> Path:
     python = make_venv()
     lock = ROOT / LOCKS[task][1]
     torch_args = shlex.split(os.environ.get("TORCH", ""))
-    wanted = hashlib.sha256(f"{UV} {task} {torch_args}".encode() + lock.read_bytes()).hexdigest()
+    wanted = hashlib.sha256(f"{task} {torch_args}".encode() + Path(__file__).read_bytes()
+                            + lock.read_bytes()).hexdigest()
     stamp = VENV / ".installed"
     if stamp.exists() and stamp.read_text() == wanted:
         return python
@@ -97,8 +97,10 @@ def setup(task: str) -> Path:
     chosen = VENV / "lock-install.txt"  # complete: installed without resolving
     chosen.write_text("".join(line + "\n" for name, line, _ in pins if name not in skipped))
     uv = install_uv(python)
-    if uv is None or subprocess.run([str(uv), "pip", "install", "-q", "--python", str(python),
-                                     "--no-deps", "-r", str(chosen)]).returncode != 0:
+    # .pyc files now, as pip makes them: under PYTHONDONTWRITEBYTECODE=1 (or a read-only .venv)
+    # each process would compile again all it imports, which doubles the test suite's time
+    if uv is None or subprocess.run([str(uv), "pip", "install", "-q", "--compile-bytecode", "--python",
+                                     str(python), "--no-deps", "-r", str(chosen)]).returncode != 0:
         print("uv could not install the lock: pip does", flush=True)
         subprocess.run(pip(python) + ["--no-deps", "-r", str(chosen)], check=True)
     stamp.write_text(wanted)
