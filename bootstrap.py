@@ -11,6 +11,8 @@ as pip arguments: e.g. TORCH="torch==2.13.0" (what CI uses). When it is set, tor
 the lock has only for torch (nvidia-*, triton, ...) come from it, held to the lock's versions.
 Installing is skipped when the lock, TORCH and this file have not changed. docs/setup.md says more.
 """
+from __future__ import annotations  # so that Python 3.9 and older reach the version check
+
 import hashlib
 import os
 import re
@@ -37,8 +39,7 @@ def read_lock(text: str) -> list[tuple[str, str, set[str]]]:
             name = re.split(r"[=<>!~;\s\[]", line, maxsplit=1)[0]
             pins.append((re.sub(r"[-_.]+", "-", name).lower(), line, set()))
         elif pins and line.lstrip().startswith("#"):
-            via = line.strip().lstrip("#").strip()
-            via = via[len("via"):].strip() if via.startswith("via") else via
+            via = re.sub(r"^via(\s+|$)", "", line.strip().lstrip("#").strip())
             if via:
                 pins[-1][2].add(via)
     return pins

@@ -69,8 +69,7 @@ def read_lock(text: str) -> list[tuple[str, str, str, set[str]]]:
             name, _, pinned = requirement.partition("==")
             pins.append((_normalized(name), pinned.strip(), marker.strip(), set()))
         elif pins and line.lstrip().startswith("#"):
-            via = line.strip().lstrip("#").strip()
-            via = via[len("via"):].strip() if via.startswith("via") else via
+            via = re.sub(r"^via(\s+|$)", "", line.strip().lstrip("#").strip())
             if via:
                 pins[-1][3].add(via)
     return pins
