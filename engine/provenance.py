@@ -3,13 +3,15 @@
 run() writes runs/<project>/<group>/provenance.json with one entry per invocation
 (a resume adds one): the command line and its overrides, the config hash, the git
 commit and whether the tree was dirty, Python, torch, CUDA and package versions,
-the device name and torch's CPU kernel set, and the start and end time.
+the device name and torch's CPU kernel set, whether the packages are requirements.lock's,
+and the start and end time.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import secrets
 import shlex
 import subprocess
@@ -24,6 +26,7 @@ from engine import checkpoint
 from engine.folders import TEMPLATE_DIR, lock
 
 PACKAGES = ("torch", "numpy", "optuna", "wandb", "pyyaml", "tqdm", "matplotlib")
+LOCK = TEMPLATE_DIR / "requirements.lock"
 
 
 def _git(*args: str) -> str | None:
@@ -55,6 +58,87 @@ def _version(package: str) -> str | None:
         return None
 
 
+def read_lock(text: str) -> list[tuple[str, str, str, set[str]]]:
+    """The lock's pins as (name, version, marker, the `# via` names and -r/-c files). bootstrap.py
+    reads the lock the same way: it runs before any environment exists, and the engine imports
+    none of the top-level files."""
+    pins = []
+    for line in text.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            requirement, _, marker = line.partition(";")
+            name, _, pinned = requirement.partition("==")
+            pins.append((_normalized(name), pinned.strip(), marker.strip(), set()))
+        elif pins and line.lstrip().startswith("#"):
+            via = re.sub(r"^via(\s+|$)", "", line.strip().lstrip("#").strip())
+            if via:
+                pins[-1][3].add(via)
+    return pins
+
+
+def only_for_torch(pins: list[tuple[str, str, str, set[str]]]) -> set[str]:
+    """The names the lock has only because torch needs them, torch included (bootstrap.py's rule)."""
+    wanted_by: dict[str, set[str]] = {}
+    for name, _, _, via in pins:
+        wanted_by.setdefault(name, set()).update(via)
+    kept = {name for name, via in wanted_by.items()
+            if name != "torch" and any(v.startswith("-r ") for v in via)}
+    while grown := {name for name, via in wanted_by.items() if name not in kept and name != "torch"
+                    and via & kept}:
+        kept |= grown
+    return set(wanted_by) - kept
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _installed() -> dict[str, str]:
+    """name -> version of what this Python imports, from the `<name>-<version>.dist-info` folder
+    names that installers write: reading each package's metadata instead costs ~100x more."""
+    found: dict[str, str] = {}
+    for folder in sys.path:
+        try:
+            names = os.listdir(folder or ".")
+        except OSError:
+            continue
+        for entry in names:
+            stem = entry[:-len(".dist-info")]
+            if entry.endswith(".dist-info") and stem.count("-") == 1:
+                name, installed = stem.split("-")
+                found.setdefault(_normalized(name), installed)  # the first on sys.path is imported
+    return found
+
+
+def lock_state(lock_file: Path = LOCK) -> dict:
+    """Whether the installed packages are the lock's: each pin whose marker holds here, compared by
+    public version (torch 2.13.0+cpu is the lock's 2.13.0). What the lock has only for torch may be
+    missing: torch's builds need different packages (the CPU build needs no nvidia-*, no triton)."""
+    state = {"file": lock_file.name, "matches": None, "differs": []}
+    try:
+        text = lock_file.read_text()
+    except OSError:
+        return {**state, "note": f"no {lock_file.name} next to main.py: nothing to compare with"}
+    try:
+        from packaging.markers import Marker
+        from packaging.version import Version
+        pins = read_lock(text)
+        optional = only_for_torch(pins)
+        installed = _installed()
+        for name, pinned, marker, _ in pins:
+            if marker and not Marker(marker).evaluate():
+                continue
+            found = installed.get(name)
+            if found is None and name not in optional:
+                found = _version(name)  # installed some other way (an .egg-info), or missing
+                if found is None:
+                    state["differs"].append(f"{name} missing (lock {pinned})")
+            if found is not None and Version(found.split("+")[0]) != Version(pinned.split("+")[0]):
+                state["differs"].append(f"{name} {found} (lock {pinned})")
+    except (ImportError, ValueError) as e:  # packaging's InvalidMarker/InvalidVersion are ValueErrors
+        return {**state, "note": f"{lock_file.name} could not be read: {e}"}
+    return {**state, "matches": not state["differs"]}
+
+
 def start(group_dir: Path, config_hash: str, device: str, overrides: list[str],
           how: dict | None = None) -> dict:
     """Append this invocation to provenance.json and return its entry (see finish). `how` says
@@ -71,6 +155,7 @@ def start(group_dir: Path, config_hash: str, device: str, overrides: list[str],
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "packages": {p: _version(p) for p in PACKAGES},
+        "lock": lock_state(),
         "device": device,
         "device_name": _device_name(device),
         # torch's SIMD kernels (e.g. AVX2 vs AVX512) sum in different orders: the same
