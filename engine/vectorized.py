@@ -8,8 +8,8 @@ mostly per-call overhead, so five seeds cost little more than one.
 SeedStack is the step object the loop (engine/trainer.py) drives for K seeds; each keeps its
 own initialisation, data order, dropout draws and gradient-norm clipping. The seeds share one
 optimizer over the stacked tensors, exact for optimizers that update each weight on its own
-(engine/stacking.py ELEMENTWISE), and one learning rate. A seed that stops leaves the stack; vmap never mixes one
-seed's slice with another's.
+(ELEMENTWISE in engine/stacking.py), and one learning rate. A seed that stops leaves the stack;
+vmap never mixes one seed's slice with another's.
 """
 from __future__ import annotations
 
