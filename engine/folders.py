@@ -1,7 +1,7 @@
 """Where things are: the template's own folder, and runs/<project>/<group>/<seed>/, where
 results go, with the checks made before anything is written there: results are never
 overwritten, a resume never mixes two configs, and two processes never train one seed
-(an flock per seed, on a file system whose flock works; see docs/search-notes.md)."""
+(an flock per seed, on a file system whose flock works; see docs/runs.md)."""
 from __future__ import annotations
 
 import contextlib
@@ -173,7 +173,7 @@ def warn_if_node_local(folder: Path) -> None:
     reason = mount and node_local_locks(mount["type"], mount["options"])
     if reason:
         print(f"warning: {folder} is on {reason}, whose locks hold only within one node: never run two "
-              f"processes on one group from two nodes (see docs/search-notes.md)", file=sys.stderr)
+              f"processes on one group from two nodes (see docs/runs.md)", file=sys.stderr)
 
 
 def mount_of(folder: Path) -> dict | None:

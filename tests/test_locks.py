@@ -89,7 +89,7 @@ def test_a_node_local_lock_is_said_once_in_one_line(tmp_path, monkeypatch, capsy
     (line,) = capsys.readouterr().err.splitlines()
     assert line == (f"warning: {tmp_path} is on NFS mounted with local_lock=all, whose locks hold only "
                     "within one node: never run two processes on one group from two nodes "
-                    "(see docs/search-notes.md)")
+                    "(see docs/runs.md)")
 
 
 def test_a_lock_that_works_across_nodes_says_nothing(tmp_path, monkeypatch, capsys):
