@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import signal
 import time
 import warnings
 from typing import Callable
@@ -150,6 +151,8 @@ def serve_dashboard(name: str, url: str, port: int) -> None:
     except (OSError, OverflowError) as e:  # in use, not ours to take, or no port number
         reason = getattr(e, "strerror", None) or e
         raise ConfigError("--port", "", f"cannot listen on 127.0.0.1:{port}: {reason}") from None
+    # Ctrl-C stops it, also when it was started where SIGINT is ignored (a shell's background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with server:
         print(f"Optuna Dashboard for study {name} ({hide_password(url)}):\n"
               f"  http://127.0.0.1:{server.server_port}/dashboard/studies/{study_id}\n"
