@@ -15,12 +15,13 @@ from __future__ import annotations  # so that Python 3.9 and older reach the ver
 
 import hashlib
 import os
-import re
 import shlex
 import subprocess
 import sys
 import venv
 from pathlib import Path
+
+from engine.lockfile import only_for_torch, read_lock  # the standard library only, like this file
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
@@ -28,35 +29,6 @@ UV = "uv==0.13.9"  # the uv that makes and installs the locks
 TORCH_LOCKED = "torch==2.13.0"  # the torch that CI tests: `lock` pins it
 LOCKS = {"run": ("requirements.txt", "requirements.lock"),
          "test": ("requirements-dev.txt", "requirements-dev.lock")}
-
-
-def read_lock(text: str) -> list[tuple[str, str, set[str]]]:
-    """The lock's pins as (name, pin line, what the pin is there for): the `# via` names,
-    "-r requirements.txt" for a requirement, "-c ..." for a constraint."""
-    pins = []
-    for line in text.splitlines():
-        if line and not line[0].isspace() and not line.startswith("#"):
-            name = re.split(r"[=<>!~;\s\[]", line, maxsplit=1)[0]
-            pins.append((re.sub(r"[-_.]+", "-", name).lower(), line, set()))
-        elif pins and line.lstrip().startswith("#"):
-            via = re.sub(r"^via(\s+|$)", "", line.strip().lstrip("#").strip())
-            if via:
-                pins[-1][2].add(via)
-    return pins
-
-
-def only_for_torch(pins: list[tuple[str, str, set[str]]]) -> set[str]:
-    """The names the lock has only because torch needs them, torch included: those that no
-    requirement but torch leads to through the `# via` chains."""
-    wanted_by = {}
-    for name, _, via in pins:
-        wanted_by.setdefault(name, set()).update(via)
-    kept = {name for name, via in wanted_by.items()
-            if name != "torch" and any(v.startswith("-r ") for v in via)}
-    while grown := {name for name, via in wanted_by.items() if name not in kept and name != "torch"
-                    and via & kept}:
-        kept |= grown
-    return set(wanted_by) - kept
 
 
 def make_venv() -> Path:
@@ -93,10 +65,10 @@ def setup(task: str) -> Path:
     skipped = only_for_torch(pins) if torch_args else set()
     if torch_args:  # e.g. the CPU build; what it brings along is held to the lock's versions
         held = VENV / "lock-constraints.txt"
-        held.write_text("".join(line + "\n" for name, line, _ in pins if name != "torch"))
+        held.write_text("".join(pin.line + "\n" for pin in pins if pin.name != "torch"))
         subprocess.run(pip(python) + torch_args + ["-c", str(held)], check=True)
     chosen = VENV / "lock-install.txt"  # complete: installed without resolving
-    chosen.write_text("".join(line + "\n" for name, line, _ in pins if name not in skipped))
+    chosen.write_text("".join(pin.line + "\n" for pin in pins if pin.name not in skipped))
     uv = install_uv(python)
     # .pyc files now, as pip makes them: under PYTHONDONTWRITEBYTECODE=1 (or a read-only .venv)
     # each process would compile again all it imports, which doubles the test suite's time

@@ -24,6 +24,7 @@ import torch
 
 from engine import checkpoint
 from engine.folders import TEMPLATE_DIR, lock
+from engine.lockfile import normalized, only_for_torch, read_lock
 
 PACKAGES = ("torch", "numpy", "optuna", "wandb", "pyyaml", "tqdm", "matplotlib")
 LOCK = TEMPLATE_DIR / "requirements.lock"
@@ -58,40 +59,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def read_lock(text: str) -> list[tuple[str, str, str, set[str]]]:
-    """The lock's pins as (name, version, marker, the `# via` names and -r/-c files). bootstrap.py
-    reads the lock the same way: it runs before any environment exists, and the engine imports
-    none of the top-level files."""
-    pins = []
-    for line in text.splitlines():
-        if line and not line[0].isspace() and not line.startswith("#"):
-            requirement, _, marker = line.partition(";")
-            name, _, pinned = requirement.partition("==")
-            pins.append((_normalized(name), pinned.strip(), marker.strip(), set()))
-        elif pins and line.lstrip().startswith("#"):
-            via = re.sub(r"^via(\s+|$)", "", line.strip().lstrip("#").strip())
-            if via:
-                pins[-1][3].add(via)
-    return pins
-
-
-def only_for_torch(pins: list[tuple[str, str, str, set[str]]]) -> set[str]:
-    """The names the lock has only because torch needs them, torch included (bootstrap.py's rule)."""
-    wanted_by: dict[str, set[str]] = {}
-    for name, _, _, via in pins:
-        wanted_by.setdefault(name, set()).update(via)
-    kept = {name for name, via in wanted_by.items()
-            if name != "torch" and any(v.startswith("-r ") for v in via)}
-    while grown := {name for name, via in wanted_by.items() if name not in kept and name != "torch"
-                    and via & kept}:
-        kept |= grown
-    return set(wanted_by) - kept
-
-
-def _normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name.strip()).lower()
-
-
 def _installed() -> dict[str, str]:
     """name -> version of what this Python imports, from the `<name>-<version>.dist-info` folder
     names that installers write: reading each package's metadata instead costs ~100x more."""
@@ -105,7 +72,7 @@ def _installed() -> dict[str, str]:
             stem = entry[:-len(".dist-info")]
             if entry.endswith(".dist-info") and stem.count("-") == 1:
                 name, installed = stem.split("-")
-                found.setdefault(_normalized(name), installed)  # the first on sys.path is imported
+                found.setdefault(normalized(name), installed)  # the first on sys.path is imported
     return found
 
 
@@ -124,7 +91,7 @@ def lock_state(lock_file: Path = LOCK) -> dict:
         pins = read_lock(text)
         optional = only_for_torch(pins)
         installed = _installed()
-        for name, pinned, marker, _ in pins:
+        for name, _, pinned, marker, _ in pins:
             if marker and not Marker(marker).evaluate():
                 continue
             found = installed.get(name)

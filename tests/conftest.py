@@ -1,12 +1,18 @@
 """Shared fixtures: a shrunken copy of the shipped config, a scratch working folder,
 and a helper that runs main.py as a user would (a subprocess)."""
+import contextlib
 import csv
+import glob
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -118,3 +124,41 @@ def user_module(workdir: Path, monkeypatch, name: str, source: str) -> None:
     (workdir / f"{name}.py").write_text(source)
     monkeypatch.syspath_prepend(str(workdir))
     monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+@contextlib.contextmanager
+def postgres_server(password: str | None = None) -> Iterator[str]:
+    """A throwaway PostgreSQL server on a free loopback port (asking for `password` if given),
+    and its URL; stopped afterwards. Skipped, or failed under REQUIRE_POSTGRES, without one."""
+    binaries = [shutil.which(name) or (sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [None])[-1]
+                for name in ("initdb", "pg_ctl")]
+    if None in binaries:
+        skip_or_fail("PostgreSQL server binaries (initdb, pg_ctl) not found; .ci/run installs Debian's "
+                     "postgresql", "REQUIRE_POSTGRES")
+    pytest.importorskip("psycopg", reason="the psycopg driver (requirements-dev.txt) is not installed")
+    bindir = os.path.dirname(os.path.realpath(binaries[1]))
+    home = Path(tempfile.mkdtemp(prefix="pg-test-"))  # outside pytest's folder, which only root may enter
+    home.chmod(0o755)
+    auth = ["-A", "trust"]
+    if password is not None:
+        (home / "pw").write_text(password)
+        auth = ["-A", "scram-sha-256", f"--pwfile={home / 'pw'}"]
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        for path in (home, *home.iterdir()):
+            shutil.chown(path, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, f"{bindir}/initdb", "-D", str(home / "data"), *auth, "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(home / "data"), "-w", "-l", str(home / "pg.log"),
+                    "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres{':' + password if password else ''}@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(home / "data"), "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)

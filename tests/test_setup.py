@@ -18,6 +18,7 @@ import bootstrap
 from config import RunConfig
 from conftest import ROOT
 from engine import provenance
+from engine.lockfile import normalized, only_for_torch, read_lock
 from engine.run import run
 
 # torch needs b (and c through it); d is there for torch and for optuna; e and f need each
@@ -60,10 +61,10 @@ w==1.0
 
 
 def test_the_lock_is_read_with_what_each_pin_is_there_for():
-    pins = bootstrap.read_lock(SMALL_LOCK)
-    assert [name for name, _, _ in pins] == ["b", "c-pkg", "d", "e", "f", "g", "h", "optuna", "torch",
-                                                 "viable", "w"]
-    named = {name: (line, via) for name, line, via in pins}
+    pins = read_lock(SMALL_LOCK)
+    assert [pin.name for pin in pins] == ["b", "c-pkg", "d", "e", "f", "g", "h", "optuna", "torch",
+                                          "viable", "w"]
+    named = {pin.name: (pin.line, pin.via) for pin in pins}
     assert named["b"] == ("b==1.0 ; sys_platform == 'linux'", {"torch"})
     assert named["d"][1] == {"optuna", "torch"}  # a `# via` list over several lines
     assert named["optuna"][1] == {"-c requirements.lock", "-r requirements.txt"}
@@ -73,15 +74,13 @@ def test_the_lock_is_read_with_what_each_pin_is_there_for():
 def test_torch_alone_brings_in_what_it_needs_through_the_via_chains():
     # b directly, c through b, e and f through each other; not d (optuna needs it), not g (a
     # requirement), not h (a constraint is no reason to be there, and nothing else leads to it).
-    assert bootstrap.only_for_torch(bootstrap.read_lock(SMALL_LOCK)) == {"torch", "b", "c-pkg", "e", "f", "h"}
+    assert only_for_torch(read_lock(SMALL_LOCK)) == {"torch", "b", "c-pkg", "e", "f", "h"}
 
 
-def test_provenance_reads_the_lock_as_bootstrap_does():
-    for text in (SMALL_LOCK, *(p.read_text() for p in sorted(ROOT.glob("requirements*.lock")))):
-        theirs, ours = bootstrap.read_lock(text), provenance.read_lock(text)
-        assert [(name, via) for name, _, via in theirs] == [(name, via) for name, _, _, via in ours]
-        assert bootstrap.only_for_torch(theirs) == provenance.only_for_torch(ours)
-    assert ("b", "1.0", "sys_platform == 'linux'", {"torch"}) in provenance.read_lock(SMALL_LOCK)
+def test_bootstrap_and_provenance_read_the_lock_with_one_reader():
+    assert bootstrap.read_lock is provenance.read_lock is read_lock  # engine/lockfile.py, stdlib only
+    pin = next(pin for pin in read_lock(SMALL_LOCK) if pin.name == "b")
+    assert (pin.version, pin.marker, pin.via) == ("1.0", "sys_platform == 'linux'", {"torch"})
 
 
 def requirements(path):
@@ -92,9 +91,9 @@ def requirements(path):
 
 @pytest.mark.parametrize("source,lock", bootstrap.LOCKS.values())
 def test_the_lock_pins_every_requirement_within_its_bounds(source, lock):
-    pins = provenance.read_lock((ROOT / lock).read_text())
+    pins = read_lock((ROOT / lock).read_text())
     pinned = {}
-    for name, version_, _, _ in pins:
+    for name, _, version_, _, _ in pins:
         assert re.fullmatch(r"[0-9][0-9A-Za-z.!+]*", version_), (lock, name, version_)  # exact pins only
         pinned.setdefault(name, []).append(version_)
     wanted = requirements(ROOT / "requirements.txt")
@@ -102,17 +101,17 @@ def test_the_lock_pins_every_requirement_within_its_bounds(source, lock):
         wanted += requirements(ROOT / source)
     hint = f"requirements*.txt changed after {lock} was made: run `python3 bootstrap.py lock`"
     for requirement in wanted:
-        name = provenance._normalized(requirement.name)
+        name = normalized(requirement.name)
         assert name in pinned, f"{name}: {hint}"
         for found in pinned[name]:  # one pin per Python version range, at most
             assert requirement.specifier.contains(found, prereleases=True), f"{name} {found}: {hint}"
     # and every pin that claims to be a requirement still is one
-    claimed = {name for name, _, _, via in pins if any(v.startswith("-r ") for v in via)}
-    assert claimed == {provenance._normalized(r.name) for r in wanted}, hint
+    claimed = {pin.name for pin in pins if any(v.startswith("-r ") for v in pin.via)}
+    assert claimed == {normalized(r.name) for r in wanted}, hint
 
 
 def test_the_locks_pin_the_torch_ci_tests_and_agree_with_each_other():
-    run_pins, test_pins = ({(name, v, marker) for name, v, marker, _ in provenance.read_lock(
+    run_pins, test_pins = ({(name, v, marker) for name, _, v, marker, _ in read_lock(
         (ROOT / lock).read_text())} for _, lock in bootstrap.LOCKS.values())
     assert ("torch", bootstrap.TORCH_LOCKED.split("==")[1], "") in run_pins
     assert run_pins <= test_pins  # the test lock is made with the run lock as a constraint
@@ -141,10 +140,10 @@ def installed_version(name):
 
 def test_provenance_compares_this_environment_with_the_lock():
     """Against the slow, sure way: importlib.metadata's version of each pin that applies here."""
-    pins = provenance.read_lock(provenance.LOCK.read_text())
+    pins = read_lock(provenance.LOCK.read_text())
     optional = provenance.only_for_torch(pins)
     expected = []
-    for name, pinned, marker, _ in pins:
+    for name, _, pinned, marker, _ in pins:
         found = installed_version(name)
         if not applies_here(marker):
             continue

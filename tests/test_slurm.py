@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import yaml
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from conftest import ROOT, child_env, skip_or_fail, write_yaml
+from conftest import ROOT, child_env, postgres_server, skip_or_fail, write_yaml
 from engine.errors import ConfigError
 from engine.slurm import SlurmConfig
 
@@ -213,32 +212,8 @@ def test_an_array_search_survives_preemption_with_the_exact_trial_count(workdir,
 @pytest.fixture
 def postgres_with_password():
     """A throwaway PostgreSQL server that asks for a password, and its URL with that password."""
-    from test_workers import _postgres_bin
-    bindir = _postgres_bin()
-    if bindir is None:
-        skip_or_fail("PostgreSQL server binaries (initdb, pg_ctl) not found; .ci/run installs Debian's "
-                     "postgresql", "REQUIRE_POSTGRES")
-    pytest.importorskip("psycopg", reason="the psycopg driver (requirements-dev.txt) is not installed")
-    home = Path(tempfile.mkdtemp(prefix="pg-test-"))  # outside pytest's folder, which only root may enter
-    home.chmod(0o755)
-    (home / "pw").write_text(PASSWORD)
-    as_user = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        shutil.chown(home, "postgres")
-        shutil.chown(home / "pw", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    subprocess.run([*as_user, f"{bindir}/initdb", "-D", str(home / "data"), "-A", "scram-sha-256", "-U",
-                    "postgres", f"--pwfile={home / 'pw'}"], check=True, capture_output=True)
-    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(home / "data"), "-w", "-l", str(home / "pg.log"),
-                    "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(home / "data"), "-m", "fast", "stop"],
-                       capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
+    with postgres_server(PASSWORD) as url:
+        yield url
 
 
 PASSWORD = "Pw-5e1f9c-not-for-ps"

@@ -1,23 +1,18 @@
 """Searches shared by many workers: `--workers K` on one machine, against the default
 SQLite file and against a real PostgreSQL server that the test starts itself; and a worker
 killed outright (SIGKILL), on SQLite, PostgreSQL and Optuna's journal file."""
-import glob
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, child_env, run_main, skip_or_fail, write_yaml
+from conftest import ROOT, child_env, postgres_server, run_main, write_yaml
 from engine.studies import storage_at
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -62,46 +57,10 @@ def test_two_workers_share_the_default_sqlite_study(workdir, tiny):
     assert len(logs) == 2 and all("Trial" in log.read_text() for log in logs)  # both really worked
 
 
-def _postgres_bin():
-    for name in ("initdb", "pg_ctl"):
-        if not (shutil.which(name) or glob.glob(f"/usr/lib/postgresql/*/bin/{name}")):
-            return None
-    found = shutil.which("pg_ctl") or sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))[-1]
-    return os.path.dirname(os.path.realpath(found))
-
-
 @pytest.fixture
 def postgres():
-    """A throwaway PostgreSQL server on a free loopback port, stopped afterwards."""
-    bindir = _postgres_bin()
-    if bindir is None:
-        skip_or_fail("PostgreSQL server binaries (initdb, pg_ctl) not found; .ci/run installs Debian's "
-                     "postgresql", "REQUIRE_POSTGRES")
-    pytest.importorskip("psycopg", reason="the psycopg driver (requirements-dev.txt) is not installed")
-    # Its own folder outside pytest's (which only root may enter): the server runs as `postgres`.
-    home = Path(tempfile.mkdtemp(prefix="pg-test-"))
-    home.chmod(0o755)
-    data, sockets = home / "pgdata", home / "pgsock"
-    sockets.mkdir()
-    as_user = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        for path in (home, sockets):
-            shutil.chown(path, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([*as_user, f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-w", "-l", str(home / "pg.log"), "-o",
-                    f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"],
-                       capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
+    with postgres_server() as url:
+        yield url
 
 
 def test_two_workers_share_a_postgresql_study(workdir, tiny, postgres):
