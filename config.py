@@ -9,9 +9,8 @@ Every key is checked on load: unknown keys (with the nearest valid one suggested
 keys, wrong types, import paths that do not resolve and keyword arguments that do not bind.
 Each mistake raises ConfigError naming the file and the key; main.py prints it as one line
 and exits with status 2. Add a key here and it is loaded, checked and saved like the rest.
-
-The loading itself (YAML, coercion, overrides) is in engine/loader.py, and every import path
-goes through engine/resolve.py. Importing this module imports no torch.
+Loading (YAML, coercion, overrides) is engine/loader.py's, and every import path goes through
+engine/resolve.py. Importing this module imports no torch.
 """
 from __future__ import annotations
 
@@ -20,15 +19,16 @@ import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from engine.errors import ConfigError
 from engine.folders import name_problem
 from engine.loader import dump_yaml, flatten, from_mapping, load_yaml, set_dotted, short_hash, to_plain
-from engine.resolve import (Untrusted, build_model, check_config_kwargs, check_net_config, create, resolve,
-                            resolve_key)
+from engine.resolve import build_model, check_config_kwargs, check_net_config, create, resolve, resolve_key
 from engine.search_space import check_distribution, flatten_space
 from engine.settings import Settings, SettingsError
+if TYPE_CHECKING:  # the check is imported only where a run folder is not trusted
+    from engine.trust import Untrusted
 
 __all__ = ["ConfigError", "RunConfig", "OptimizeConfig", "load_yaml", "resolve"]
 
@@ -98,7 +98,7 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     source: str = field(default="<dict>", compare=False, repr=False)  # the file it came from
     written_device: str = field(default="auto", init=False, repr=False)  # `device` as the file says it
-    untrusted: Untrusted | None = field(default=None, init=False, compare=False, repr=False)
+    untrusted: Any = field(default=None, init=False, compare=False, repr=False)  # a run folder's: Untrusted
     run_only_keys: ClassVar[tuple[str, ...]] = RUN_ONLY_KEYS
 
     # ---- loading and saving

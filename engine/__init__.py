@@ -2,7 +2,8 @@
 model.py, your data and metrics in util.py, your experiment in a YAML file under configs/.
 
     errors.py           ConfigError: bad input, reported as one line naming the file and the key
-    resolve.py          the one import-path resolver, and the check of keyword arguments
+    resolve.py          the one import-path resolver, the check of keyword arguments, build_model
+    trust.py            what a config read back from a run folder may name (analyze.py, load_run)
     loader.py           YAML in, typed dataclasses out: coercion, overrides, hashes
     contract.py         what the engine asks of your model: LossStep (a batch's loss), predict()
     trainer.py          Trainer: the one loop, for one model or a stack of seeds; one optimizer step
@@ -14,6 +15,7 @@ model.py, your data and metrics in util.py, your experiment in a YAML file under
     run.py              run(): one model per seed, together or one by one, each under its lock
     seed_files.py       one seed's folder: what it writes, and which checkpoint a resume takes
     folders.py          runs/<project>/<group>/: where results go, and the checks before writing
+    locks.py            the per-seed flocks, and whether the file system under runs/ gives them
     wandb_run.py        one wandb run per seed, offline without credentials; a group's offline runs
     checkpoint.py       atomic writes, weights-only loads, RNG states
     reproducibility.py  seeding, the deterministic switch, a oneMKL workaround

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint
-from engine.folders import TEMPLATE_DIR, lock
+from engine.folders import TEMPLATE_DIR
 from engine.lockfile import normalized, only_for_torch, read_lock
+from engine.locks import lock
 
 PACKAGES = ("torch", "numpy", "optuna", "wandb", "pyyaml", "tqdm", "matplotlib")
 LOCK = TEMPLATE_DIR / "requirements.lock"

@@ -27,7 +27,8 @@ import torch
 
 from engine import checkpoint, distributed, provenance, stacking
 from engine.errors import ConfigError
-from engine.folders import RUNS_DIR, check_group, claim_seeds, lock
+from engine.folders import RUNS_DIR, check_group, claim_seeds
+from engine.locks import lock
 from engine.reproducibility import determinism, set_seed
 from engine.seed_files import SeedFiles, checkpoint_to_resume, finished, states_at_one_position
 from engine.trainer import EpochCallback, SeedResult, Trainer

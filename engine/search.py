@@ -31,7 +31,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from engine import distributed
 from engine.checkpoint import disk_full
 from engine.errors import ConfigError
-from engine.folders import RUNS_DIR, TEMPLATE_DIR, LockUnavailable
+from engine.folders import RUNS_DIR, TEMPLATE_DIR
+from engine.locks import LockUnavailable
 from engine.run import run
 from engine.search_space import suggest
 from engine.studies import storage_at

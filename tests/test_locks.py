@@ -15,8 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ROOT, child_env, write_yaml
-from engine import folders
-from engine.folders import lock, mount_of, node_local_locks
+from engine import locks
+from engine.locks import lock, mount_of, node_local_locks
 
 NO_FLOCK = f"""import errno, fcntl, os
 def flock(fd, operation):
@@ -77,8 +77,8 @@ def fake_mountinfo(tmp_path, monkeypatch, fs_type, options, point=None):
             f"612 27 {os.major(device)}:{os.minor(device)} / {point} rw,relatime shared:301 - {fs_type} "
             f"server:/export {options}\n")
     (tmp_path / "mountinfo").write_text(text)
-    monkeypatch.setattr(folders, "MOUNTINFO", tmp_path / "mountinfo")
-    monkeypatch.setattr(folders, "_warned", set())
+    monkeypatch.setattr(locks, "MOUNTINFO", tmp_path / "mountinfo")
+    monkeypatch.setattr(locks, "_warned", set())
 
 
 def test_a_node_local_lock_is_said_once_in_one_line(tmp_path, monkeypatch, capsys):
@@ -131,6 +131,6 @@ def test_a_failing_flock_in_lock_itself_is_a_config_error(tmp_path, monkeypatch)
     def flock(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # NFS without its lock service
     monkeypatch.setattr(fcntl, "flock", flock)
-    with pytest.raises(folders.LockUnavailable, match=r"gives no file locks \(flock: No locks available"):
+    with pytest.raises(locks.LockUnavailable, match=r"gives no file locks \(flock: No locks available"):
         with lock(tmp_path, wait=True):
             pass

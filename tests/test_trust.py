@@ -13,7 +13,8 @@ from config import RunConfig, load_yaml
 from conftest import ROOT, child_env, write_yaml
 from engine.errors import ConfigError
 from engine.folders import untrusted
-from engine.resolve import Refused, resolve
+from engine.resolve import resolve
+from engine.trust import Refused
 from engine.run import run
 
 SHELL = {"args": "touch PWNED", "shell": True}
