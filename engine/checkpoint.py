@@ -26,7 +26,7 @@ from typing import IO, Any, Callable
 import numpy as np
 import torch
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, first_line
 
 
 class WriteError(OSError):
@@ -141,7 +141,7 @@ def load(path: Path) -> Any:
         raise ConfigError(str(path), "", "refused: not a plain weights/checkpoint file (anything that "
                           f"would run code is never loaded): {(reason or ['weights_only'])[0]}") from None
     except Exception as e:
-        raise Unreadable(str(path), "", f"cannot be read: {type(e).__name__}: {e}".splitlines()[0]) from None
+        raise Unreadable(str(path), "", f"cannot be read: {first_line(e)}") from None
 
 
 def damage(file: Path | IO[bytes]) -> str | None:

@@ -92,7 +92,8 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
         train_set, val_set = config.load_data()
         built: dict = {}  # each seed's model, built once: the first now (a bad net_config fails here)
         vectorize = config.trainer.vectorize_seeds and len(config.seeds) > 1
-        models = [seed_model(config, seed, device, built)[0] for seed in config.seeds[:1 + vectorize]]
+        # The first seed's model now, and the second's too for the trial of stacking them.
+        models = [seed_model(config, seed, device, built)[0] for seed in config.seeds[:2 if vectorize else 1]]
         optimizer = config.create_optimizer(models[0])  # thrown away: a bad *_config fails here too
         config.create_scheduler(optimizer), config.create_criterion()
         if vectorize:  # decided once, before anything is written: a one-batch trial of the real step

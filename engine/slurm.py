@@ -31,6 +31,7 @@ from engine.errors import ConfigError
 from engine.folders import RUNS_DIR, TEMPLATE_DIR, check_group
 from engine.loader import dump_yaml, from_mapping, load_yaml, to_plain
 from engine.slurm_job import REQUEUE_STATUS, STOP_FILE, STORAGE_FILE, stop_signal
+from engine.studies import hide_password
 
 if TYPE_CHECKING:  # types only: the engine imports none of your files when it runs
     from config import OptimizeConfig, RunConfig
@@ -147,16 +148,11 @@ def search_job(run_config: RunConfig, opt_config: OptimizeConfig, workers: int) 
     files = {"run_config.yaml": dump_yaml(run_config.to_dict()), "optimize_config.yaml": dump_yaml(optimize)}
     arguments = ["--run_config", "{folder}/run_config.yaml",
                  "--optimize_config", "{folder}/optimize_config.yaml"]
-    watch = [f"study: {study} in {without_password(storage)}",
+    watch = [f"study: {study} in {hide_password(storage)}",
              f"results: {RUNS_DIR / run_config.project}/{study}_t*/"]
     return Job(study, run_config.project, files, arguments,
                results=f"{RUNS_DIR / run_config.project}/{study}_t*/*", array=workers, storage=storage,
                watch=watch)
-
-
-def without_password(url: str) -> str:
-    """A storage URL fit to print: user:password@host becomes user:***@host."""
-    return re.sub(r"^([\w+.-]+://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def sbatch_value(text: str) -> str:

@@ -17,7 +17,7 @@ import time
 import warnings
 from typing import Callable
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, first_line
 from engine.folders import RUNS_DIR
 
 HEARTBEAT = "heartbeat"  # a running trial's system attribute in a journal: the time of its last beat
@@ -102,9 +102,8 @@ def study_storage(name: str, project: str | None, storage: str | None) -> str:
         try:
             names = optuna.get_all_study_names(storage_at(storage))
         except Exception as e:  # a bad URL, a missing driver, a server that does not answer
-            reason = str(e).splitlines()[0] if str(e) else ""
-            raise ConfigError("--storage", "", f"cannot open {hide_password(storage)}: "
-                                               f"{type(e).__name__}: {reason}") from None
+            raise ConfigError("--storage", "", f"cannot open {hide_password(storage)}: {first_line(e)}") \
+                from None
         places = [(storage, names)]
     else:
         found = [RUNS_DIR / project / f"optuna.{kind}" for kind in ("db", "journal")] if project else \
@@ -128,7 +127,7 @@ def find_study(name: str, project: str | None, storage: str | None):
 
 def hide_password(url: str) -> str:
     """An Optuna storage URL fit to print: user:secret@host becomes user:***@host."""
-    return re.sub(r"(//[^/:@]+:)[^/@]+@", r"\1***@", url)
+    return re.sub(r"^([\w+.-]+://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def serve_dashboard(name: str, url: str, port: int) -> None:
