@@ -125,10 +125,13 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
                 raise ConfigError(str(group_dir), "",
                                   f"cannot write the run folder: {e.strerror or e}") from None
         distributed.barrier()
-        if rank == 0 and len(config.seeds) > 1:  # one line, always: how the seeds train, and why
-            dropout = "; with dropout, a seed's draws depend on the seeds beside it" * has_dropout(models[0])
-            print(f"seeds {','.join(map(str, config.seeds))} train together as one stacked model{dropout}"
-                  if vectorize else f"seeds train one after another: {reason}", file=sys.stderr)
+
+        def say(line: str) -> None:  # one line, always: how the seeds train, and why
+            if rank == 0 and len(config.seeds) > 1:
+                print(line, file=sys.stderr)
+
+        if not vectorize:
+            say(f"seeds train one after another: {reason}")
         results, busy, status = [], [], "failed"
         try:
             # Groups of seeds that train at once: all of them together, or each on its own.
@@ -144,11 +147,16 @@ def run(config: RunConfig, *, group: str | None = None, tags: tuple[str, ...] = 
                     folders = [group_dir / str(s) for s in todo]
                     states = states_at_one_position(folders, todo, rank == 0, loaded)
                     if isinstance(states, str):  # their checkpoints stand at different positions
-                        print(f"seeds train one after another: {states}", file=sys.stderr)
+                        say(f"seeds train one after another: {states}")
                         queue += [([s], False) for s in todo]
                         if record is not None:  # provenance.json says what ran, not what was planned
                             record.update(vectorized=False, one_by_one_because=states)
-                    elif todo:
+                        continue
+                    if together:  # said once their checkpoints are known to stand together
+                        caveat = "; with dropout, a seed's draws depend on the seeds beside it"
+                        say(f"seeds {','.join(map(str, config.seeds))} train together as one stacked model"
+                            + caveat * has_dropout(models[0]))
+                    if todo:
                         results += train_seeds(config, group, group_dir, todo, states, device,
                                                (train_set, val_set), first_seed_callbacks, tags, labels,
                                                built, together=together)

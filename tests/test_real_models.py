@@ -358,7 +358,7 @@ def test_a_stacked_resume_after_a_seed_stopped_is_bit_identical_with_dropout(wor
 
 
 @pytest.mark.slow
-def test_provenance_says_the_seeds_trained_one_by_one_when_a_resume_falls_back(workdir, tiny):
+def test_provenance_says_the_seeds_trained_one_by_one_when_a_resume_falls_back(workdir, tiny, capsys):
     def interrupt(epoch, metrics):
         if epoch == 2:
             raise KeyboardInterrupt
@@ -368,8 +368,11 @@ def test_provenance_says_the_seeds_trained_one_by_one_when_a_resume_falls_back(w
         run(config, first_seed_callbacks=[interrupt])
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # seed 2 starts again: the seeds cannot stack
         (workdir / "runs" / "test" / "g" / "2" / name).unlink(missing_ok=True)
+    capsys.readouterr()
     result = run(config, resume=True)
     assert [s.vectorized for s in result.seeds] == [False, False]
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("seeds")]
+    assert said == ["seeds train one after another: some seeds have a checkpoint and some none"]  # one line
     last = json.loads((result.group_dir / "provenance.json").read_text())["invocations"][-1]
     assert last["vectorized"] is False
     assert last["one_by_one_because"] == "some seeds have a checkpoint and some none"
